@@ -1,0 +1,39 @@
+"""squeeze: quantize and compress models, export them to real runtimes, and prove they still work.
+
+The public API is loaded lazily so that ``import squeeze`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "quantize": "squeeze.api",
+    "quantize_dir": "squeeze.api",
+    "load": "squeeze.api",
+    "save": "squeeze.api",
+    "evaluate": "squeeze.api",
+    "QuantScheme": "squeeze.scheme",
+    "ActScheme": "squeeze.scheme",
+    "PRESETS": "squeeze.scheme",
+    "get_scheme": "squeeze.scheme",
+    "RTN": "squeeze.passes.rtn",
+    "Recipe": "squeeze.recipe",
+    "CalibConfig": "squeeze.calib",
+    "load_calibration": "squeeze.calib",
+    "SqueezeError": "squeeze.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'squeeze' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

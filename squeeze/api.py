@@ -1,0 +1,179 @@
+"""Public entry points. The CLI calls only these.
+
+    model = squeeze.load("model/")
+    squeeze.quantize(model, squeeze.RTN(scheme=squeeze.get_scheme("w4g32-asym")))
+    squeeze.save(model, "model-w4/", source="model/")
+    squeeze.evaluate("model-w4/", data="text.txt", reference="model/")
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from squeeze import __version__
+from squeeze.calib import CalibConfig, CalibrationSet, load_calibration, read_text, tokenize_stream
+from squeeze.checkpoint import gptq as ckpt
+from squeeze.errors import SqueezeError
+from squeeze.eval.evaluate import EvalResult, choose_context, evaluate_tokens
+from squeeze.eval.runtimes import TorchRuntime
+from squeeze.fsutil import atomic_output_dir, check_output_path
+from squeeze.model import directory_hash, load_pretrained, load_tokenizer, validate_model_dir, weights_size
+from squeeze.modules import QuantLinear
+from squeeze.recipe import Recipe
+from squeeze.registry import pass_for_config
+from squeeze.scheme import QuantScheme
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _as_recipe(config) -> Recipe:
+    return config if isinstance(config, Recipe) else Recipe((config,))
+
+
+def quantize(model: nn.Module, config, calib: CalibrationSet | None = None) -> dict[str, dict]:
+    """Apply a pass config (or a Recipe of them) to ``model`` in place; returns per-layer records."""
+    records: dict[str, dict] = {}
+    for pass_config in _as_recipe(config).passes:
+        entry = pass_for_config(pass_config)
+        if entry.needs_calibration(pass_config) and calib is None:
+            raise SqueezeError(f"method {entry.name!r} with this scheme needs calibration data")
+        with torch.no_grad():
+            for name, rec in entry.apply(model, pass_config, calib).items():
+                records[name] = {"method": entry.name, "scheme": pass_config.scheme.name, **rec}
+    return records
+
+
+def _resolve_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPES:
+        raise SqueezeError(f"unknown dtype {name!r}; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load(path: str | Path, dtype: str | None = None) -> nn.Module:
+    """Load a model directory: a float Hugging Face model or a squeeze/GPTQ quantized checkpoint."""
+    p = validate_model_dir(path)
+    config = json.loads((p / "config.json").read_text())
+    if "quantization_config" not in config:
+        return load_pretrained(p, _resolve_dtype(dtype))
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    scheme = ckpt.scheme_from_quantization_config(config["quantization_config"])
+    meta = ckpt.read_metadata(p) or {}
+    layer_schemes = {
+        name: QuantScheme.from_dict(rec["scheme_dict"]) for name, rec in meta.get("layers", {}).items() if "scheme_dict" in rec
+    }
+    hf_config = AutoConfig.from_pretrained(p, local_files_only=True)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    torch_dtype = _resolve_dtype(dtype) or getattr(hf_config, "dtype", None) or torch.float32
+    if isinstance(torch_dtype, str):
+        torch_dtype = DTYPES.get(torch_dtype, torch.float32)
+    auto = AutoModelForCausalLM if type(hf_config) in AutoModelForCausalLM._model_mapping else AutoModel
+    with no_init_weights():
+        model = auto.from_config(hf_config, dtype=torch_dtype)
+    return ckpt.load_into(model, p, scheme, layer_schemes)
+
+
+def save(
+    model: nn.Module,
+    out: str | Path,
+    recipe=None,
+    *,
+    source: str | Path | None = None,
+    calib: CalibrationSet | None = None,
+    records: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a quantized model as a GPTQ-layout checkpoint directory, atomically."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise SqueezeError("the model has no quantized layers to save; run squeeze.quantize first")
+    schemes = {m.scheme.with_(activations=None) for m in layers.values()}
+    if len(schemes) > 1:
+        raise SqueezeError(f"one checkpoint holds one weight grid; the model mixes {sorted(s.name for s in schemes)}")
+    scheme = next(iter(layers.values())).scheme
+    source_dir = Path(source) if source is not None else None
+    recipe_dict = _as_recipe(recipe).to_dict() if recipe is not None else None
+    layer_meta = {}
+    for name, m in layers.items():
+        layer_meta[name] = {**(records or {}).get(name, {}), "scheme": m.scheme.name, "scheme_dict": m.scheme.to_dict()}
+    metadata = {
+        "squeeze_version": __version__,
+        "method": recipe_dict["passes"][-1]["method"] if recipe_dict else None,
+        "scheme": scheme.to_dict(),
+        "recipe": recipe_dict,
+        "calibration": {"source": calib.source, "sha256": calib.sha256, "shape": list(calib.input_ids.shape)}
+        if calib is not None
+        else None,
+        "source_model": {"path": str(source_dir), "sha256": directory_hash(source_dir)} if source_dir else None,
+        "created_unix": int(time.time()),
+        "layers": layer_meta,
+    }
+    target = check_output_path(out, overwrite)
+    with atomic_output_dir(target, overwrite) as tmp:
+        ckpt.write_checkpoint(model, tmp, scheme, metadata, source_dir)
+    return target
+
+
+def quantize_dir(
+    model_path: str | Path,
+    out: str | Path,
+    config,
+    calib: CalibConfig | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Load a model directory, quantize it with ``config``, and write the checkpoint to ``out``."""
+    src = validate_model_dir(model_path)
+    check_output_path(out, overwrite)
+    recipe = _as_recipe(config)
+    model = load(src, dtype)
+    calib_set = None
+    if any(pass_for_config(p).needs_calibration(p) for p in recipe.passes):
+        calib_set = load_calibration(load_tokenizer(src), calib or CalibConfig())
+    records = quantize(model, recipe, calib_set)
+    return save(model, out, recipe, source=src, calib=calib_set, records=records, overwrite=overwrite)
+
+
+def evaluate(
+    model: str | Path | nn.Module,
+    data: str | Path,
+    reference: str | Path | nn.Module | None = None,
+    ctx: int | None = None,
+    tokenizer=None,
+    progress: bool = True,
+) -> EvalResult:
+    """Perplexity of ``model`` on the text in ``data``; with ``reference``, also KLD and top-1 agreement."""
+    if isinstance(model, (str, Path)):
+        path = validate_model_dir(model)
+        tokenizer = tokenizer or load_tokenizer(path)
+        size = weights_size(path)
+        model = load(path)
+    else:
+        size = sum(t.numel() * t.element_size() for t in ckpt.checkpoint_state(model).values())
+    ref_model = load(reference) if isinstance(reference, (str, Path)) else reference
+    if tokenizer is None and isinstance(reference, (str, Path)):
+        tokenizer = load_tokenizer(Path(reference))
+    if tokenizer is None:
+        raise SqueezeError("evaluation needs a tokenizer: the model directory has none (pass tokenizer=...)")
+    runtime = TorchRuntime(model)
+    ref_runtime = TorchRuntime(ref_model) if ref_model is not None else None
+    if ref_runtime is not None and ref_runtime.vocab_size != runtime.vocab_size:
+        raise SqueezeError(
+            f"reference vocabulary ({ref_runtime.vocab_size}) differs from the model's ({runtime.vocab_size})"
+        )
+    ctx = choose_context(runtime, ctx)
+    if ctx < 2:
+        raise SqueezeError(f"--ctx must be at least 2, got {ctx}")
+    tokens = tokenize_stream(tokenizer, read_text(data))
+    if len(tokens) < 2:
+        raise SqueezeError(f"{str(data)!r} holds fewer than 2 tokens; nothing to score")
+    return evaluate_tokens(runtime, tokens, ctx, ref_runtime, size, progress)

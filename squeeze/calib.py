@@ -1,0 +1,100 @@
+"""Calibration data: token sequences from a local text file, with a content hash.
+
+Plain text is read whole; JSONL files use each record's "text" field. The
+text is tokenized with the model's own tokenizer as one stream and ``nsamples``
+windows of ``seqlen`` tokens are drawn at seeded random offsets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from squeeze.errors import SqueezeError
+from squeeze.resources import default_calibration_text
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Where calibration sequences come from; None path means the bundled default corpus."""
+
+    path: str | None = None
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nsamples <= 0:
+            raise SqueezeError(f"--nsamples must be positive, got {self.nsamples}")
+        if self.seqlen < 2:
+            raise SqueezeError(f"--seqlen must be at least 2, got {self.seqlen}")
+
+
+@dataclass
+class CalibrationSet:
+    """Token id windows [nsamples, seqlen] and a hash of exactly those tokens."""
+
+    input_ids: torch.Tensor
+    source: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
+
+    def batches(self, batch_size: int = 8):
+        for i in range(0, len(self.input_ids), batch_size):
+            yield self.input_ids[i : i + batch_size]
+
+
+def read_text(path: str | Path) -> str:
+    """Text of a .txt file, or the "text" fields of a .jsonl file joined by blank lines."""
+    p = Path(path)
+    if not p.is_file():
+        raise SqueezeError(f"data file {str(p)!r} does not exist")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SqueezeError(f"data file {str(p)!r} is not UTF-8 text") from None
+    if p.suffix.lower() != ".jsonl":
+        if not raw.strip():
+            raise SqueezeError(f"data file {str(p)!r} is empty")
+        return raw
+    texts = []
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SqueezeError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise SqueezeError(f"{p}:{lineno}: each JSONL record needs a string field 'text'")
+        texts.append(record["text"])
+    if not texts:
+        raise SqueezeError(f"data file {str(p)!r} has no records")
+    return "\n\n".join(texts)
+
+
+def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one token stream (BOS once at the start, as the tokenizer adds it): [n] int64."""
+    ids = tokenizer(text, add_special_tokens=True, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def load_calibration(tokenizer, config: CalibConfig) -> CalibrationSet:
+    """Draw ``nsamples`` seeded windows of ``seqlen`` tokens from the calibration text."""
+    if tokenizer is None:
+        raise SqueezeError("calibration from text needs the model's tokenizer, and the model directory has none")
+    path = config.path or default_calibration_text()
+    stream = tokenize_stream(tokenizer, read_text(path))
+    seqlen = min(config.seqlen, len(stream))
+    if seqlen < 2:
+        raise SqueezeError(f"calibration text {str(path)!r} is too short ({len(stream)} tokens)")
+    gen = torch.Generator().manual_seed(config.seed)
+    starts = torch.randint(0, len(stream) - seqlen + 1, (config.nsamples,), generator=gen)
+    windows = torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+    return CalibrationSet(windows, str(path))

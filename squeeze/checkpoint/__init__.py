@@ -1,0 +1,1 @@
+"""On-disk quantized checkpoint formats."""

@@ -1,0 +1,171 @@
+"""Quantized checkpoints in the GPTQ on-disk layout (as AutoGPTQ/GPTQModel write it).
+
+Per quantized layer ``L``:
+  L.qweight  int32 [ceil(in*bits/32), out]   codes packed down the input dim
+  L.qzeros   int32 [n_groups, ceil(out*bits/32)]  zero points minus one ("gptq" v1
+             checkpoint format), packed along the output dim
+  L.scales   float16 [n_groups, out]
+  L.g_idx    int32 [in]   group of each input column
+  L.bias     the original bias, in the model dtype
+  L.input_scale  float32 scalar, only for static int8 activations
+config.json gets ``quantization_config`` (quant_method "gptq", bits, group_size,
+sym, desc_act); squeeze's own metadata goes in ``squeeze.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from squeeze.errors import SqueezeError
+from squeeze.model import TOKENIZER_FILES, set_submodule
+from squeeze.modules import QuantLinear
+from squeeze.primitives import pack_rows, unpack_rows
+from squeeze.scheme import QuantScheme
+
+WEIGHTS_NAME = "model.safetensors"
+METADATA_NAME = "squeeze.json"
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "input_scale")
+
+
+def _layer_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
+    bits = layer.scheme.bits
+    stored_zeros = (layer.zeros.to(torch.int64) - 1) & ((1 << bits) - 1)
+    out = {
+        "qweight": pack_rows(layer.codes.t(), bits),
+        "qzeros": pack_rows(stored_zeros, bits).t(),
+        "scales": layer.scales.t().to(torch.float16),
+        "g_idx": layer.g_idx.to(torch.int32),
+    }
+    if layer.bias is not None:
+        out["bias"] = layer.bias.detach()
+    if layer.input_scale is not None:
+        out["input_scale"] = layer.input_scale.detach().float().reshape(())
+    return out
+
+
+def quantization_config(scheme: QuantScheme, desc_act: bool = False) -> dict:
+    return {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": scheme.bits,
+        "group_size": scheme.group_size if scheme.granularity == "group" else -1,
+        "sym": scheme.symmetric,
+        "desc_act": desc_act,
+    }
+
+
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor to save: packed quantized layers plus the remaining float state (tied copies once)."""
+    state: dict[str, torch.Tensor] = {}
+    quant_prefixes = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            quant_prefixes.append(name + ".")
+            for key, t in _layer_tensors(module).items():
+                state[f"{name}.{key}"] = t
+    seen: set[int] = set()
+    for key, t in model.state_dict().items():
+        if any(key.startswith(p) for p in quant_prefixes):
+            continue
+        if t.data_ptr() in seen:  # a tied weight (lm_head sharing the embedding): stored once
+            continue
+        seen.add(t.data_ptr())
+        state[key] = t
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def write_checkpoint(
+    model: nn.Module,
+    out: Path,
+    scheme: QuantScheme,
+    metadata: dict,
+    source_dir: Path | None,
+    desc_act: bool = False,
+) -> None:
+    """Write the checkpoint files into the (empty, temporary) directory ``out``."""
+    save_file(checkpoint_state(model), str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    if source_dir is not None and (source_dir / "config.json").is_file():
+        config = json.loads((source_dir / "config.json").read_text())
+    elif getattr(model, "config", None) is not None:
+        config = model.config.to_dict()
+    else:
+        config = {}
+    config["quantization_config"] = quantization_config(scheme, desc_act)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+    if source_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (source_dir / name).is_file():
+                shutil.copy2(source_dir / name, out / name)
+
+
+def read_metadata(path: Path) -> dict | None:
+    f = path / METADATA_NAME
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def scheme_from_quantization_config(qc: dict) -> QuantScheme:
+    if qc.get("quant_method") != "gptq":
+        raise SqueezeError(f"unsupported quant_method {qc.get('quant_method')!r}; squeeze reads 'gptq' checkpoints")
+    if qc.get("checkpoint_format", "gptq") != "gptq":
+        raise SqueezeError(f"unsupported GPTQ checkpoint_format {qc['checkpoint_format']!r}; squeeze reads 'gptq' (v1)")
+    gs = int(qc.get("group_size", -1))
+    if gs > 0:
+        return QuantScheme(int(qc["bits"]), bool(qc.get("sym", True)), "group", gs)
+    return QuantScheme(int(qc["bits"]), bool(qc.get("sym", True)), "channel", None)
+
+
+def _quant_layer_from_state(state: dict, prefix: str, scheme: QuantScheme, in_f: int, out_f: int, dtype) -> QuantLinear:
+    bits = scheme.bits
+    codes = unpack_rows(state[prefix + "qweight"], bits, in_f).t().contiguous()
+    stored = unpack_rows(state[prefix + "qzeros"].t(), bits, out_f).to(torch.int64)
+    zeros = ((stored + 1) & ((1 << bits) - 1)).float()
+    scales = state[prefix + "scales"].float().t().contiguous()
+    layer = QuantLinear.from_codes(
+        codes, scales, zeros, state[prefix + "g_idx"].to(torch.int32), scheme, state.get(prefix + "bias"), dtype
+    )
+    if prefix + "input_scale" in state:
+        layer.input_scale = state[prefix + "input_scale"].float()
+    return layer
+
+
+def load_into(model: nn.Module, path: Path, scheme: QuantScheme, layer_schemes: dict[str, QuantScheme]) -> nn.Module:
+    """Replace ``model``'s quantized layers with QuantLinears and load all weights from ``path``."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise SqueezeError(f"{str(path)!r} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    prefixes = sorted(k[: -len("qweight")] for k in state if k.endswith(".qweight"))
+    dtype = next(model.parameters()).dtype
+    for prefix in prefixes:
+        name = prefix[:-1]
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise SqueezeError(f"checkpoint layer {name!r} does not exist in the model built from config.json") from None
+        in_f = int(state[prefix + "g_idx"].numel())
+        out_f = int(state[prefix + "scales"].shape[1])
+        layer_scheme = layer_schemes.get(name, scheme)
+        set_submodule(model, name, _quant_layer_from_state(state, prefix, layer_scheme, in_f, out_f, dtype))
+        del old
+    rest = {k: v for k, v in state.items() if not any(k.startswith(p) for p in prefixes)}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    quant_keys = {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}
+    missing = [k for k in missing if k not in quant_keys]
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+        tied = {k for k in missing if getattr(model.config, "tie_word_embeddings", False) and k.startswith("lm_head")}
+        missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise SqueezeError(
+            f"checkpoint {str(path)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.eval()

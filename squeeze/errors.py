@@ -1,0 +1,12 @@
+"""Errors squeeze raises for bad input: the CLI prints them as one line and exits 2."""
+
+
+class SqueezeError(Exception):
+    """A problem with what the user asked for (paths, options, models), with how to fix it."""
+
+
+class MissingExtraError(SqueezeError):
+    """An optional dependency is not installed."""
+
+    def __init__(self, package: str, extra: str):
+        super().__init__(f"{package} is not installed; install it with: pip install 'squeeze[{extra}]'")

@@ -1,0 +1,1 @@
+"""Evaluation: runtimes, metrics and reports."""

@@ -1,0 +1,1 @@
+"""Exporters that write quantized models to deployment formats."""

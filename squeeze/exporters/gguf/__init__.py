@@ -1,0 +1,1 @@
+"""GGUF (llama.cpp) export: block codecs for ggml tensor types."""

@@ -1,0 +1,416 @@
+"""Vectorised numpy K-quant block codecs (Q2_K .. Q6_K) plus the numeric helpers shared by all codecs.
+
+Every quantizer follows llama.cpp's reference quantizer (``quantize_row_qN_K_ref`` in ggml-quants.c),
+re-expressed over all super-blocks at once.  All arithmetic is float32 and every reduction runs in the
+same sequential order as the C loops, so the produced bytes are bit-identical to llama.cpp's (for finite
+inputs, on builds without FMA contraction, which is how ggml-base is compiled on x86-64 baseline).
+
+All functions here work on flattened blocks: ``blocks`` is ``(N, 256)`` float32, and a quantized block set is
+the tuple ``Parts = (codes, d, dmin, scales, mins)``:
+
+* ``codes``  uint8 ``(N, 256)``: stored level per weight (weight level = code - format zero point),
+* ``d``      float16 ``(N,)``: super-block scale,
+* ``dmin``   float16 ``(N,)`` or None: super-block scale of the sub-block mins,
+* ``scales`` int16 ``(N, n_sub)``: signed, effective integer sub-block scales,
+* ``mins``   int16 ``(N, n_sub)`` or None: integer sub-block mins.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+F32 = np.float32
+QK_K = 256
+GROUP_MAX_EPS = F32(1e-15)
+
+Parts = tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int``: round half to even via the 1.5*2^23 trick, emulated bit-exactly (int32)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        t = np.asarray(v, dtype=F32) + F32(12582912.0)
+    return (t.view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+def seqsum(terms: np.ndarray) -> np.ndarray:
+    """Sum over the last axis strictly left to right from 0.0, like a plain C accumulation loop."""
+    acc = np.zeros(terms.shape[:-1], dtype=F32)
+    for i in range(terms.shape[-1]):
+        acc += terms[..., i]
+    return acc
+
+
+def to_f16(v: np.ndarray) -> np.ndarray:
+    """Round float32 to float16 (round to nearest even, like GGML_FP32_TO_FP16)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(v, dtype=F32).astype(np.float16)
+
+
+def f16_bytes(d: np.ndarray) -> np.ndarray:
+    """float16 ``(N,)`` -> its little-endian bytes ``(N, 2)``."""
+    return np.ascontiguousarray(d, dtype=np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def signed_absmax(x: np.ndarray) -> np.ndarray:
+    """The value with the largest magnitude along the last axis (first one on ties), keeping its sign."""
+    idx = np.argmax(np.abs(x), axis=-1)[..., None]
+    return np.take_along_axis(x, idx, axis=-1)[..., 0]
+
+
+def _first_max(v: np.ndarray) -> np.ndarray:
+    """``m = 0; for s in v: if s > m: m = s`` over the last axis."""
+    return np.maximum(np.max(v, axis=-1), F32(0))
+
+
+# ------------------------------------------------------------------------------ scale searches
+
+
+def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted (w = x^2) symmetric scale search of ``make_qx_quants(rmse_type=1, qw=NULL)``.
+
+    x: (M, n) float32 groups.  Returns (scale (M,), L (M, n) int32 in [0, 2*nmax-1]).
+    """
+    mx = signed_absmax(x)
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    safe = np.where(zero, F32(1), mx)[:, None]
+    w = x * x
+    wx = w * x
+
+    def trial(iscale: np.ndarray):
+        lv = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
+        lf = lv.astype(F32)
+        return lv + nmax, seqsum(wx * lf), seqsum(w * lf * lf)
+
+    L, sumlx, suml2 = trial(F32(-nmax) / safe)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / safe
+        Lc, slx, sl2 = trial(iscale)
+        upd = (sl2 > 0) & (slx * slx > best * sl2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new_scale = slx / sl2
+        L = np.where(upd[:, None], Lc, L)
+        scale = np.where(upd, new_scale, scale)
+        best = np.where(upd, scale * slx, best)
+    return np.where(zero, F32(0), scale), np.where(zero[:, None], 0, L)
+
+
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """``make_q3_quants(do_rmse=true)``: weighted symmetric fit refined by coordinate descent.
+
+    x: (M, n) float32.  Returns (scale (M,), L (M, n) int32 in [0, 2*nmax-1]).
+    """
+    mx = signed_absmax(x)
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    iscale = F32(-nmax) / np.where(zero, F32(1), mx)
+    L = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    lf = L.astype(F32)
+    sumlx, suml2 = seqsum(wx * lf), seqsum(w * lf * lf)
+    # The C loop stops after a sweep without changes; a further sweep from the same state changes
+    # nothing either, so running all 5 sweeps everywhere gives the same result.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(5):
+            for i in range(x.shape[1]):
+                xi, wi, wxi = x[:, i], w[:, i], wx[:, i]
+                li = L[:, i].astype(F32)
+                slx = sumlx - wxi * li
+                sl2 = suml2 - wi * li * li
+                new_l = np.clip(nearest_int(xi * sl2 / slx), -nmax, nmax - 1)
+                nf = new_l.astype(F32)
+                slx2 = slx + wxi * nf
+                sl22 = sl2 + wi * nf * nf
+                upd = ((slx > 0) & (new_l != L[:, i]) & (sl22 > 0)
+                       & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22))
+                L[:, i] = np.where(upd, new_l, L[:, i])
+                sumlx = np.where(upd, slx2, sumlx)
+                suml2 = np.where(upd, sl22, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    return np.where(zero, F32(0), scale), np.where(zero[:, None], 0, L + nmax)
+
+
+def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
+                     nstep: int, use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric (scale, min) search of ``make_qkx2_quants``.
+
+    x, w: (M, n) float32.  Returns (scale (M,), the_min (M,) >= 0, L (M, n) int32 in [0, nmax]).
+    """
+    mn = np.where(x.min(axis=1) > 0, F32(0), x.min(axis=1))
+    mx = x.max(axis=1)
+    sum_w, sum_x = w[:, 0].copy(), w[:, 0] * x[:, 0]
+    for i in range(1, x.shape[1]):
+        sum_w += w[:, i]
+        sum_x += w[:, i] * x[:, i]
+    flat = mx == mn
+    rng = np.where(flat, F32(1), mx - mn)
+
+    def err(scale, L, m):
+        diff = scale[:, None] * L.astype(F32) + m[:, None] - x
+        return seqsum(w * (np.abs(diff) if use_mad else diff * diff))
+
+    iscale = F32(nmax) / rng
+    scale = F32(1) / iscale
+    L = np.clip(nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+    best = err(scale, L, mn)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for step in range(nstep + 1):
+            # `min` is updated inside the C loop, so the range and the offset follow the best fit so far
+            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / np.where(flat, F32(1), mx - mn)
+            La = np.clip(nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+            lf = La.astype(F32)
+            wl = w * lf
+            sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * lf), seqsum(wl * x)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min = np.where(pos, F32(0), this_min)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            cur = err(this_scale, La, this_min)
+            upd = (D > 0) & (cur < best) & ~flat
+            L = np.where(upd[:, None], La, L)
+            best = np.where(upd, cur, best)
+            scale = np.where(upd, this_scale, scale)
+            mn = np.where(upd, this_min, mn)
+    return np.where(flat, F32(0), scale), -mn, np.where(flat[:, None], 0, L)
+
+
+# ------------------------------------------------------------------------------ bit packing helpers
+
+
+def _pack_crumbs(L: np.ndarray) -> np.ndarray:
+    """(N, 256) 2-bit values -> (N, 64): byte 32*h + l holds L[128h + l + 32k] at bit 2k."""
+    q = L.reshape(-1, 2, 4, 32).astype(np.uint8)
+    return (q[:, :, 0] | q[:, :, 1] << 2 | q[:, :, 2] << 4 | q[:, :, 3] << 6).reshape(-1, 64)
+
+
+def _unpack_crumbs(qs: np.ndarray) -> np.ndarray:
+    q = qs.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    return (q & 3).reshape(-1, QK_K)
+
+
+def _pack_nibbles64(L: np.ndarray) -> np.ndarray:
+    """(N, 256) 4-bit values -> (N, 128): byte 32*k + l holds L[64k + l] | L[64k + l + 32] << 4."""
+    q = L.reshape(-1, 4, 2, 32).astype(np.uint8)
+    return (q[:, :, 0] | q[:, :, 1] << 4).reshape(-1, 128)
+
+
+def _unpack_nibbles64(qs: np.ndarray) -> np.ndarray:
+    q = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    return (q & 15).reshape(-1, QK_K)
+
+
+def _pack_scale_min_k4(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and mins -> 12 bytes (ggml's get_scale_min_k4 layout)."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    out = np.empty((sc.shape[0], 12), np.uint8)
+    out[:, 0:4] = (sc[:, 0:4] & 63) | (sc[:, 4:8] >> 4) << 6
+    out[:, 4:8] = (m[:, 0:4] & 63) | (m[:, 4:8] >> 4) << 6
+    out[:, 8:12] = (sc[:, 4:8] & 15) | (m[:, 4:8] & 15) << 4
+    return out
+
+
+def _unpack_scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | (s[:, 0:4] >> 6) << 4], axis=1)
+    m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | (s[:, 4:8] >> 6) << 4], axis=1)
+    return sc.astype(np.int16), m.astype(np.int16)
+
+
+def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, sc: np.ndarray, dmin: Optional[np.ndarray],
+                m: Optional[np.ndarray], lo: int, hi: int, offset: int) -> np.ndarray:
+    """Final rounding against the stored scales; sub-blocks whose scale is 0 keep their search codes."""
+    n_sub = sc.shape[1]
+    xs = x.reshape(x.shape[0], n_sub, -1)
+    dd = d.astype(F32)[:, None] * sc.astype(F32)
+    v = xs
+    if dmin is not None:
+        v = xs + (dmin.astype(F32)[:, None] * m.astype(F32))[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        new = np.clip(nearest_int(v / np.where(dd == 0, F32(1), dd)[..., None]), lo, hi) + offset
+    return np.where((dd == 0)[..., None], L.reshape(xs.shape), new).reshape(x.shape).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ Q2_K
+
+
+def quantize_q2_k(x: np.ndarray) -> Parts:
+    """``quantize_row_q2_K_ref``: 16 sub-blocks of 16, 2-bit codes, 4-bit scales and mins."""
+    n = x.shape[0]
+    xs = x.reshape(-1, 16)
+    scales, mins, L = make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
+    scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
+    max_scale, max_min = _first_max(scales), _first_max(mins)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ls = nearest_int((F32(15) / max_scale)[:, None] * scales)
+        lm = nearest_int((F32(15) / max_min)[:, None] * mins)
+    byte = np.where((max_scale > 0)[:, None], ls, 0) & 0xFF
+    byte = np.where((max_min > 0)[:, None], byte | (lm << 4), byte) & 0xFF
+    d = np.where(max_scale > 0, to_f16(max_scale / F32(15)), np.float16(0))
+    dmin = np.where(max_min > 0, to_f16(max_min / F32(15)), np.float16(0))
+    sc, m = (byte & 15).astype(np.int16), (byte >> 4).astype(np.int16)
+    return _requantize(x, L, d, sc, dmin, m, 0, 3, 0), d, dmin, sc, m
+
+
+def pack_q2_k(p: Parts) -> np.ndarray:
+    codes, d, dmin, sc, m = p
+    scales = (sc.astype(np.uint8) & 15) | (m.astype(np.uint8) << 4)
+    return np.concatenate([scales, _pack_crumbs(codes), f16_bytes(d),
+                           f16_bytes(dmin)], axis=1)
+
+
+def unpack_q2_k(raw: np.ndarray) -> Parts:
+    s = raw[:, 0:16]
+    d, dmin = raw[:, 80:82].copy().view(np.float16)[:, 0], raw[:, 82:84].copy().view(np.float16)[:, 0]
+    return (_unpack_crumbs(raw[:, 16:80]), d, dmin, (s & 15).astype(np.int16), (s >> 4).astype(np.int16))
+
+
+# ------------------------------------------------------------------------------------------ Q3_K
+
+
+def quantize_q3_k(x: np.ndarray) -> Parts:
+    """``quantize_row_q3_K_ref``: 16 sub-blocks of 16, 3-bit codes, signed 6-bit scales."""
+    n = x.shape[0]
+    scales, L = make_q3_quants(x.reshape(-1, 16), 4)
+    scales = scales.reshape(n, 16)
+    max_scale = signed_absmax(scales)
+    nz = max_scale != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(-32) / np.where(nz, max_scale, F32(1))
+        l6 = np.clip(nearest_int(iscale[:, None] * scales).astype(np.int8), -32, 31).astype(np.int16) + 32
+        d = np.where(nz, to_f16(F32(1) / iscale), np.float16(0))
+    sc = np.where(nz[:, None], l6, 0).astype(np.int16) - 32
+    return _requantize(x, L, d, sc, None, None, -4, 3, 4), d, None, sc, None
+
+
+def pack_q3_k(p: Parts) -> np.ndarray:
+    codes, d, _, sc, _ = p
+    n = codes.shape[0]
+    hmask = np.zeros((n, 32), np.uint8)
+    high = (codes > 3).reshape(n, 8, 32).astype(np.uint8)
+    for bit in range(8):
+        hmask |= high[:, bit] << bit
+    l6 = (sc + 32).astype(np.uint8)
+    scales = np.empty((n, 12), np.uint8)
+    scales[:, 0:8] = (l6[:, 0:8] & 15) | (l6[:, 8:16] & 15) << 4
+    hi = (l6 >> 4).reshape(n, 4, 4)  # [j // 4, j % 4]
+    scales[:, 8:12] = hi[:, 0] | hi[:, 1] << 2 | hi[:, 2] << 4 | hi[:, 3] << 6
+    return np.concatenate([hmask, _pack_crumbs(codes & 3), scales, f16_bytes(d)], axis=1)
+
+
+def unpack_q3_k(raw: np.ndarray) -> Parts:
+    n = raw.shape[0]
+    hmask, s = raw[:, 0:32], raw[:, 96:108]
+    high = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+    codes = _unpack_crumbs(raw[:, 32:96]) | (high.reshape(n, QK_K) << 2)
+    low = np.concatenate([s[:, 0:8] & 15, s[:, 0:8] >> 4], axis=1)
+    hi = ((s[:, 8:12][:, None, :] >> (2 * np.arange(4, dtype=np.uint8))[None, :, None]) & 3).reshape(n, 16)
+    sc = (low | hi << 4).astype(np.int16) - 32
+    return codes, raw[:, 108:110].copy().view(np.float16)[:, 0], None, sc, None
+
+
+# ------------------------------------------------------------------------------------ Q4_K / Q5_K
+
+
+def _quantize_q45_k(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> Parts:
+    n = x.shape[0]
+    xs = x.reshape(-1, 32)
+    av_x = np.sqrt(seqsum(xs * xs) / F32(32))
+    scales, mins, L = make_qkx2_quants(xs, av_x[:, None] + np.abs(xs), nmax, rmin, 0.1, nstep, False)
+    scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+    max_scale, max_min = _first_max(scales), _first_max(mins)
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+    ls = np.minimum(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.int16)
+    lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.int16)
+    d, dmin = to_f16(max_scale / F32(63)), to_f16(max_min / F32(63))
+    return _requantize(x, L, d, ls, dmin, lm, 0, nmax, 0), d, dmin, ls, lm
+
+
+def quantize_q4_k(x: np.ndarray) -> Parts:
+    """``quantize_row_q4_K_ref``: 8 sub-blocks of 32, 4-bit codes, 6-bit scales and mins."""
+    return _quantize_q45_k(x, 15, -1.0, 20)
+
+
+def quantize_q5_k(x: np.ndarray) -> Parts:
+    """``quantize_row_q5_K_ref``: 8 sub-blocks of 32, 5-bit codes, 6-bit scales and mins."""
+    return _quantize_q45_k(x, 31, -0.5, 15)
+
+
+def _head(d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray) -> list[np.ndarray]:
+    return [f16_bytes(d), f16_bytes(dmin), _pack_scale_min_k4(sc, m)]
+
+
+def pack_q4_k(p: Parts) -> np.ndarray:
+    codes, d, dmin, sc, m = p
+    return np.concatenate(_head(d, dmin, sc, m) + [_pack_nibbles64(codes)], axis=1)
+
+
+def unpack_q4_k(raw: np.ndarray) -> Parts:
+    sc, m = _unpack_scale_min_k4(raw[:, 4:16])
+    d, dmin = raw[:, 0:2].copy().view(np.float16)[:, 0], raw[:, 2:4].copy().view(np.float16)[:, 0]
+    return _unpack_nibbles64(raw[:, 16:144]), d, dmin, sc, m
+
+
+def pack_q5_k(p: Parts) -> np.ndarray:
+    codes, d, dmin, sc, m = p
+    high = (codes >> 4).reshape(-1, 8, 32).astype(np.uint8)  # bit k of qh[j] <- L[32k + j] >= 16
+    qh = np.zeros((codes.shape[0], 32), np.uint8)
+    for k in range(8):
+        qh |= high[:, k] << k
+    return np.concatenate(_head(d, dmin, sc, m) + [qh, _pack_nibbles64(codes & 15)], axis=1)
+
+
+def unpack_q5_k(raw: np.ndarray) -> Parts:
+    sc, m = _unpack_scale_min_k4(raw[:, 4:16])
+    d, dmin = raw[:, 0:2].copy().view(np.float16)[:, 0], raw[:, 2:4].copy().view(np.float16)[:, 0]
+    high = (raw[:, 16:48][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+    return _unpack_nibbles64(raw[:, 48:176]) | (high.reshape(-1, QK_K) << 4), d, dmin, sc, m
+
+
+# ------------------------------------------------------------------------------------------ Q6_K
+
+
+def quantize_q6_k(x: np.ndarray) -> Parts:
+    """``quantize_row_q6_K_ref``: 16 sub-blocks of 16, 6-bit codes, int8 scales."""
+    n = x.shape[0]
+    scales, L = make_qx_quants(x.reshape(-1, 16), 32)
+    scales = scales.reshape(n, 16)
+    max_scale = signed_absmax(scales)
+    zero = np.abs(max_scale) < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(-128) / np.where(zero, F32(1), max_scale)
+        d = np.where(zero, np.float16(0), to_f16(F32(1) / iscale))
+    sc = np.where(zero[:, None], 0, np.minimum(127, nearest_int(iscale[:, None] * scales))).astype(np.int8)
+    codes = _requantize(x, L, d, sc.astype(np.int16), None, None, -32, 31, 32)
+    return np.where(zero[:, None], 0, codes).astype(np.uint8), d, None, sc.astype(np.int16), None
+
+
+def pack_q6_k(p: Parts) -> np.ndarray:
+    codes, d, _, sc, _ = p
+    q = codes.reshape(-1, 2, 4, 32).astype(np.uint8)  # [half, quarter, l]
+    lo, hi = q & 15, q >> 4
+    ql = np.concatenate([lo[:, :, 0] | lo[:, :, 2] << 4, lo[:, :, 1] | lo[:, :, 3] << 4], axis=2)
+    qh = hi[:, :, 0] | hi[:, :, 1] << 2 | hi[:, :, 2] << 4 | hi[:, :, 3] << 6
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8),
+                           f16_bytes(d)], axis=1)
+
+
+def unpack_q6_k(raw: np.ndarray) -> Parts:
+    ql = raw[:, 0:128].reshape(-1, 2, 2, 32)  # [half, first/second 32 bytes, l]
+    qh = raw[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    lo = np.stack([ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], axis=2)
+    codes = (lo | (qh & 3) << 4).reshape(-1, QK_K)
+    sc = raw[:, 192:208].copy().view(np.int8).astype(np.int16)
+    return codes, raw[:, 208:210].copy().view(np.float16)[:, 0], None, sc, None

@@ -1,0 +1,72 @@
+"""QuantLinear: a Linear layer holding integer codes and per-group qparams.
+
+Its forward dequantizes on the fly (simulated quantization for evaluation);
+the same codes are what the checkpoint packs, so a saved and reloaded model
+computes exactly the same logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from squeeze.primitives import dequantize, fake_quant_activation
+from squeeze.scheme import QuantScheme
+
+
+class QuantLinear(nn.Module):
+    """y = act_q(x) @ dequant(codes).T + bias."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme,
+        n_groups: int,
+        bias: bool,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme = scheme
+        self.compute_dtype = dtype
+        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, n_groups))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        # Static activation scale (a scalar), set once calibrated; None otherwise.
+        self.register_buffer("input_scale", None)
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        g_idx: torch.Tensor,
+        scheme: QuantScheme,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> "QuantLinear":
+        out_f, in_f = codes.shape
+        layer = cls(in_f, out_f, scheme, scales.shape[1], bias is not None, dtype)
+        layer.codes.copy_(codes)
+        layer.scales.copy_(scales)
+        layer.zeros.copy_(zeros)
+        layer.g_idx.copy_(g_idx)
+        if bias is not None:
+            layer.bias.data.copy_(bias.to(dtype))
+        return layer.to(codes.device)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scales, self.zeros, self.g_idx, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acts = self.scheme.activations
+        if acts is not None:
+            x = fake_quant_activation(x, acts, self.input_scale)
+        return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"

@@ -1,0 +1,1 @@
+"""Passes: each transforms a model in place and returns per-layer records."""

@@ -1,0 +1,30 @@
+"""Wiring shared by the weight-quantization passes: swap a Linear for a QuantLinear."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from squeeze.model import linear_weight, set_submodule
+from squeeze.modules import QuantLinear
+from squeeze.primitives import compute_qparams, dequantize, group_index, quantize
+from squeeze.scheme import QuantScheme
+
+
+def rtn_codes(weight: torch.Tensor, scheme: QuantScheme):
+    """Round-to-nearest codes, scales, zeros and g_idx for a [out, in] weight."""
+    scale, zero = compute_qparams(weight, scheme)
+    g_idx = group_index(weight.shape[1], scheme.group_size_for(weight.shape[1]), weight.device)
+    return quantize(weight, scale, zero, scheme.bits, g_idx), scale, zero, g_idx
+
+
+def replace_with_quant_linear(
+    model: nn.Module, name: str, module: nn.Module, scheme: QuantScheme, codes, scales, zeros, g_idx
+) -> dict:
+    """Install a QuantLinear in place of ``module``; returns the layer's error record."""
+    weight = linear_weight(module).detach()
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    layer = QuantLinear.from_codes(codes, scales, zeros, g_idx, scheme, bias, weight.dtype)
+    err = (dequantize(codes, scales, zeros, g_idx) - weight.float()).pow(2).sum()
+    set_submodule(model, name, layer)
+    return {"weight_rel_mse": float(err / weight.float().pow(2).sum().clamp(min=1e-30))}

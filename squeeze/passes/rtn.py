@@ -1,0 +1,45 @@
+"""RTN: round-to-nearest post-training quantization of weights (and int8 activations)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from squeeze.model import linear_weight, select_linears
+from squeeze.passes.activations import calibrate_activation_scales
+from squeeze.passes.common import replace_with_quant_linear, rtn_codes
+from squeeze.registry import register_pass
+from squeeze.scheme import QuantScheme, get_scheme
+
+
+@dataclass(frozen=True)
+class RTN:
+    """Round every targeted Linear's weight to the nearest point of ``scheme``'s grid."""
+
+    scheme: QuantScheme = field(default_factory=lambda: get_scheme("w4g128"))
+    targets: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] = ()
+
+
+def apply_rtn(model: nn.Module, config: RTN, calib=None) -> dict[str, dict]:
+    layers = select_linears(model, config.targets, config.ignore)
+    act_scales = {}
+    if config.scheme.activations is not None and config.scheme.activations.mode == "static":
+        act_scales = calibrate_activation_scales(model, layers, calib, config.scheme.activations)
+    records = {}
+    for name, module in tqdm(layers.items(), desc="rtn", unit="layer", leave=False):
+        codes, scales, zeros, g_idx = rtn_codes(linear_weight(module).detach(), config.scheme)
+        records[name] = replace_with_quant_linear(model, name, module, config.scheme, codes, scales, zeros, g_idx)
+        if name in act_scales:
+            model.get_submodule(name).input_scale = act_scales[name]
+    return records
+
+
+def _needs_calibration(config: RTN) -> bool:
+    acts = config.scheme.activations
+    return acts is not None and acts.mode == "static"
+
+
+register_pass("rtn", RTN, apply_rtn, _needs_calibration)
