@@ -10,9 +10,9 @@ For calibrated quantization (e.g. GPTQ on the GGUF grid) the codec is split into
 
     qb = quantize_blocks(x, "Q4_K")   # integer codes + quantized (sub-)block scales/mins
     step, bias = group_params(qb)     # the grid: weight = step * (code - fmt.zero) + bias, per group
-    qb = replace(qb, codes=new_codes)  # codes chosen elsewhere, e.g. nearest_codes(x2, qb)
+    qb = dataclasses.replace(qb, codes=nearest_codes(x2, qb))  # or codes chosen by GPTQ
     raw = pack(qb)                    # bytes, without re-rounding anything
-    assert unpack(raw, "Q4_K") == qb  # field by field
+    unpack(raw, "Q4_K")               # the same fields as qb again
     y = dequantize_blocks(qb)         # exactly what llama.cpp's dequantize_row_* gives
 
 Inputs are assumed finite; NaN/inf give whatever the emulated C code gives.
@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 
 from . import kquants as kq
-from .kquants import F32, Parts, f16_bytes, signed_absmax, to_f16
+from .kquants import F32, Parts, f16_at, f16_bytes, first_pick, signed_absmax, to_f16
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,8 @@ def _quantize_sym(x: np.ndarray, half: int) -> Parts:
 
 def _quantize_asym(x: np.ndarray, nmax: int) -> Parts:
     """quantize_row_q4_1_ref (nmax=15) / q5_1_ref (nmax=31): min/max affine grid."""
-    mn = x.min(axis=1)
-    d = (x.max(axis=1) - mn) / F32(nmax)
+    mn = first_pick(x, np.argmin)
+    d = (first_pick(x, np.argmax) - mn) / F32(nmax)
     t = np.trunc((x - mn[:, None]) * _inverse(d)[:, None] + F32(0.5)).astype(np.int32)
     codes = np.minimum(15, t.astype(np.int8)) if nmax == 15 else t & 31
     return codes.astype(np.uint8), to_f16(d), to_f16(mn), None, None
@@ -157,8 +157,8 @@ def _legacy_pack(fmt: GGMLFormat) -> Callable[[Parts], np.ndarray]:
 
 def _legacy_unpack(fmt: GGMLFormat) -> Callable[[np.ndarray], Parts]:
     def unpack(raw: np.ndarray) -> Parts:
-        d = raw[:, 0:2].copy().view(np.float16)[:, 0]
-        m, o = (raw[:, 2:4].copy().view(np.float16)[:, 0], 4) if fmt.has_min else (None, 2)
+        d = f16_at(raw, 0)
+        m, o = (f16_at(raw, 2), 4) if fmt.has_min else (None, 2)
         if fmt.bits == 8:
             codes = (raw[:, o:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
             return codes, d, None, None, None
@@ -208,16 +208,29 @@ def _check_cols(fmt: GGMLFormat, cols: int) -> int:
     return cols // fmt.block_size
 
 
+_CHUNK_WEIGHTS = 1 << 18
+
+
 def quantize_blocks(x: np.ndarray, qtype: str) -> QuantizedBlocks:
     """Quantize float rows ``(..., cols)`` like llama.cpp's reference quantizer; returns codes and scales."""
     fmt = _quantized_format(qtype)
     x = np.ascontiguousarray(x, dtype=F32)
     nb = _check_cols(fmt, x.shape[-1])
     lead = x.shape[:-1] + (nb,)
-    codes, d, dmin, sc, m = _IMPLS[qtype].quantize(x.reshape(-1, fmt.block_size))
-    sub = lambda a: None if a is None else a.astype(np.int16).reshape(lead + (-1,))  # noqa: E731
+    blocks = x.reshape(-1, fmt.block_size)
+    step = max(1, _CHUNK_WEIGHTS // fmt.block_size)  # bounded temporaries, cache-friendly
+    chunks = [_IMPLS[qtype].quantize(blocks[i:i + step]) for i in range(0, len(blocks), step)]
+    if not chunks:  # no blocks: empty fields of the right dtypes, taken from a dummy block
+        dummy = _IMPLS[qtype].quantize(np.zeros((1, fmt.block_size), F32))
+        chunks = [tuple(None if f is None else f[:0] for f in dummy)]
+    codes, d, dmin, sc, m = (None if c[0] is None else np.concatenate(c) for c in zip(*chunks))
+    sub = lambda a: None if a is None else a.astype(np.int16).reshape(lead + (fmt.n_groups,))  # noqa: E731
     return QuantizedBlocks(qtype, codes.reshape(lead + (fmt.block_size,)), d.reshape(lead),
                            None if dmin is None else dmin.reshape(lead), sub(sc), sub(m))
+
+
+# valid integer sub-block scales of the K-quants (mins run from 0 to the same upper end)
+_SUB_RANGE = {"Q2_K": (0, 15), "Q3_K": (-32, 31), "Q4_K": (0, 63), "Q5_K": (0, 63), "Q6_K": (-128, 127)}
 
 
 def pack(qb: QuantizedBlocks) -> np.ndarray:
@@ -225,9 +238,13 @@ def pack(qb: QuantizedBlocks) -> np.ndarray:
     fmt = _quantized_format(qb.qtype)
     lead = qb.d.shape
     flat = lambda a, *s: None if a is None else np.asarray(a).reshape((-1,) + s)  # noqa: E731
-    n_sub = fmt.n_groups
-    raw = _IMPLS[qb.qtype].pack((flat(qb.codes, fmt.block_size).astype(np.uint8), flat(qb.d), flat(qb.dmin),
-                                 flat(qb.scales, n_sub), flat(qb.mins, n_sub)))
+    codes = flat(qb.codes, fmt.block_size)
+    scales, mins = flat(qb.scales, fmt.n_groups), flat(qb.mins, fmt.n_groups)
+    lo, hi = _SUB_RANGE.get(qb.qtype, (0, 0))
+    for label, a, a_lo, a_hi in (("codes", codes, 0, fmt.qmax), ("scales", scales, lo, hi), ("mins", mins, 0, hi)):
+        if a is not None and a.size and (a.min() < a_lo or a.max() > a_hi):
+            raise ValueError(f"{qb.qtype} {label} must lie in [{a_lo}, {a_hi}]")
+    raw = _IMPLS[qb.qtype].pack((codes.astype(np.uint8), flat(qb.d), flat(qb.dmin), scales, mins))
     return raw.reshape(lead[:-1] + (lead[-1] * fmt.type_size,))
 
 
@@ -269,7 +286,7 @@ def dequantize_blocks(qb: QuantizedBlocks) -> np.ndarray:
     y = step[..., None] * levels
     if bias is not None:
         y = y + bias[..., None]
-    return y.reshape(qb.codes.shape[:-2] + (-1,))
+    return y.reshape(qb.codes.shape[:-2] + (qb.codes.shape[-2] * fmt.block_size,))
 
 
 def nearest_codes(x: np.ndarray, qb: QuantizedBlocks) -> np.ndarray:

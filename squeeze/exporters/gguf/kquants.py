@@ -17,7 +17,7 @@ the tuple ``Parts = (codes, d, dmin, scales, mins)``:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -39,10 +39,10 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
 
 
 def seqsum(terms: np.ndarray) -> np.ndarray:
-    """Sum over the last axis strictly left to right from 0.0, like a plain C accumulation loop."""
-    acc = np.zeros(terms.shape[:-1], dtype=F32)
-    for i in range(terms.shape[-1]):
-        acc += terms[..., i]
+    """Sum over the FIRST axis strictly in order from 0.0, like a plain C accumulation loop."""
+    acc = np.zeros(terms.shape[1:], dtype=F32)
+    for row in terms:
+        acc += row
     return acc
 
 
@@ -57,15 +57,28 @@ def f16_bytes(d: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(d, dtype=np.float16).reshape(-1, 1).view(np.uint8)
 
 
-def signed_absmax(x: np.ndarray) -> np.ndarray:
-    """The value with the largest magnitude along the last axis (first one on ties), keeping its sign."""
-    idx = np.argmax(np.abs(x), axis=-1)[..., None]
-    return np.take_along_axis(x, idx, axis=-1)[..., 0]
+def first_pick(x: np.ndarray, arg: Callable[..., np.ndarray], axis: int = -1) -> np.ndarray:
+    """x at ``arg(x)`` along axis: C's ``if (v < m) m = v`` keeps the first of equal values (-0.0 vs 0.0)."""
+    idx = np.expand_dims(arg(x, axis=axis), axis)
+    return np.squeeze(np.take_along_axis(x, idx, axis=axis), axis)
+
+
+def f16_at(raw: np.ndarray, offset: int) -> np.ndarray:
+    """float16 ``(N,)`` stored at byte ``offset`` of each row of ``raw (N, type_size)``."""
+    return raw[:, offset:offset + 2].copy().view(np.float16)[:, 0]
+
+
+def signed_absmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``max = 0; amax = 0; for v: if |v| > amax: amax = |v|, max = v`` along axis (+0.0 if all zero)."""
+    idx = np.expand_dims(np.argmax(np.abs(x), axis=axis), axis)
+    v = np.squeeze(np.take_along_axis(x, idx, axis=axis), axis)
+    return np.where(v == 0, F32(0), v)
 
 
 def _first_max(v: np.ndarray) -> np.ndarray:
     """``m = 0; for s in v: if s > m: m = s`` over the last axis."""
-    return np.maximum(np.max(v, axis=-1), F32(0))
+    m = np.max(v, axis=-1)
+    return np.where(m > 0, m, F32(0))
 
 
 # ------------------------------------------------------------------------------ scale searches
@@ -74,11 +87,11 @@ def _first_max(v: np.ndarray) -> np.ndarray:
 def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Weighted (w = x^2) symmetric scale search of ``make_qx_quants(rmse_type=1, qw=NULL)``.
 
-    x: (M, n) float32 groups.  Returns (scale (M,), L (M, n) int32 in [0, 2*nmax-1]).
+    x: (n, M) float32, one group per column.  Returns (scale (M,), L (n, M) int32 in [0, 2*nmax-1]).
     """
-    mx = signed_absmax(x)
+    mx = signed_absmax(x, axis=0)
     zero = np.abs(mx) < GROUP_MAX_EPS
-    safe = np.where(zero, F32(1), mx)[:, None]
+    safe = np.where(zero, F32(1), mx)
     w = x * x
     wx = w * x
 
@@ -90,30 +103,26 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     L, sumlx, suml2 = trial(F32(-nmax) / safe)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / safe
-        Lc, slx, sl2 = trial(iscale)
-        upd = (sl2 > 0) & (slx * slx > best * sl2)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            new_scale = slx / sl2
-        L = np.where(upd[:, None], Lc, L)
-        scale = np.where(upd, new_scale, scale)
-        best = np.where(upd, scale * slx, best)
-    return np.where(zero, F32(0), scale), np.where(zero[:, None], 0, L)
+        best = scale * sumlx
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            Lc, slx, sl2 = trial(-(F32(nmax) + F32(0.1) * F32(step)) / safe)
+            upd = (sl2 > 0) & (slx * slx > best * sl2)
+            L = np.where(upd, Lc, L)
+            scale = np.where(upd, slx / sl2, scale)
+            best = np.where(upd, scale * slx, best)
+    return np.where(zero, F32(0), scale), np.where(zero, 0, L)
 
 
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """``make_q3_quants(do_rmse=true)``: weighted symmetric fit refined by coordinate descent.
 
-    x: (M, n) float32.  Returns (scale (M,), L (M, n) int32 in [0, 2*nmax-1]).
+    x: (n, M) float32, one group per column.  Returns (scale (M,), L (n, M) int32 in [0, 2*nmax-1]).
     """
-    mx = signed_absmax(x)
+    mx = signed_absmax(x, axis=0)
     zero = np.abs(mx) < GROUP_MAX_EPS
-    iscale = F32(-nmax) / np.where(zero, F32(1), mx)
-    L = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+    L = np.clip(nearest_int((F32(-nmax) / np.where(zero, F32(1), mx)) * x), -nmax, nmax - 1)
     w = x * x
     wx = w * x
     lf = L.astype(F32)
@@ -122,52 +131,52 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     # nothing either, so running all 5 sweeps everywhere gives the same result.
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(5):
-            for i in range(x.shape[1]):
-                xi, wi, wxi = x[:, i], w[:, i], wx[:, i]
-                li = L[:, i].astype(F32)
-                slx = sumlx - wxi * li
-                sl2 = suml2 - wi * li * li
-                new_l = np.clip(nearest_int(xi * sl2 / slx), -nmax, nmax - 1)
+            for i in range(x.shape[0]):
+                li = L[i].astype(F32)
+                slx = sumlx - wx[i] * li
+                sl2 = suml2 - w[i] * li * li
+                new_l = np.clip(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1)
                 nf = new_l.astype(F32)
-                slx2 = slx + wxi * nf
-                sl22 = sl2 + wi * nf * nf
-                upd = ((slx > 0) & (new_l != L[:, i]) & (sl22 > 0)
+                slx2 = slx + wx[i] * nf
+                sl22 = sl2 + w[i] * nf * nf
+                upd = ((slx > 0) & (new_l != L[i]) & (sl22 > 0)
                        & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22))
-                L[:, i] = np.where(upd, new_l, L[:, i])
+                L[i] = np.where(upd, new_l, L[i])
                 sumlx = np.where(upd, slx2, sumlx)
                 suml2 = np.where(upd, sl22, suml2)
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
-    return np.where(zero, F32(0), scale), np.where(zero[:, None], 0, L + nmax)
+    return np.where(zero, F32(0), scale), np.where(zero, 0, L + nmax)
 
 
 def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
                      nstep: int, use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric (scale, min) search of ``make_qkx2_quants``.
 
-    x, w: (M, n) float32.  Returns (scale (M,), the_min (M,) >= 0, L (M, n) int32 in [0, nmax]).
+    x, w: (n, M) float32, one group per column.
+    Returns (scale (M,), the_min (M,) >= 0, L (n, M) int32 in [0, nmax]).
     """
-    mn = np.where(x.min(axis=1) > 0, F32(0), x.min(axis=1))
-    mx = x.max(axis=1)
-    sum_w, sum_x = w[:, 0].copy(), w[:, 0] * x[:, 0]
-    for i in range(1, x.shape[1]):
-        sum_w += w[:, i]
-        sum_x += w[:, i] * x[:, i]
+    mn = first_pick(x, np.argmin, axis=0)
+    mn = np.where(mn > 0, F32(0), mn)
+    mx = first_pick(x, np.argmax, axis=0)
+    sum_w, sum_x = w[0].copy(), w[0] * x[0]
+    for i in range(1, x.shape[0]):
+        sum_w += w[i]
+        sum_x += w[i] * x[i]
     flat = mx == mn
-    rng = np.where(flat, F32(1), mx - mn)
 
     def err(scale, L, m):
-        diff = scale[:, None] * L.astype(F32) + m[:, None] - x
+        diff = scale * L.astype(F32) + m - x
         return seqsum(w * (np.abs(diff) if use_mad else diff * diff))
 
-    iscale = F32(nmax) / rng
+    iscale = F32(nmax) / np.where(flat, F32(1), mx - mn)
     scale = F32(1) / iscale
-    L = np.clip(nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+    L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax)
     best = err(scale, L, mn)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for step in range(nstep + 1):
-            # `min` is updated inside the C loop, so the range and the offset follow the best fit so far
+            # `min` is updated inside the C loop, so range and offset follow the best fit so far
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / np.where(flat, F32(1), mx - mn)
-            La = np.clip(nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+            La = np.clip(nearest_int(iscale * (x - mn)), 0, nmax)
             lf = La.astype(F32)
             wl = w * lf
             sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * lf), seqsum(wl * x)
@@ -179,11 +188,11 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
             cur = err(this_scale, La, this_min)
             upd = (D > 0) & (cur < best) & ~flat
-            L = np.where(upd[:, None], La, L)
+            L = np.where(upd, La, L)
             best = np.where(upd, cur, best)
             scale = np.where(upd, this_scale, scale)
             mn = np.where(upd, this_min, mn)
-    return np.where(flat, F32(0), scale), -mn, np.where(flat[:, None], 0, L)
+    return np.where(flat, F32(0), scale), -mn, np.where(flat, 0, L)
 
 
 # ------------------------------------------------------------------------------ bit packing helpers
@@ -227,9 +236,16 @@ def _unpack_scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.int16), m.astype(np.int16)
 
 
+def _groups(x: np.ndarray, size: int) -> np.ndarray:
+    """(N, 256) blocks -> (size, N * 256 // size): one sub-block per column, so sums run over rows."""
+    return np.ascontiguousarray(x.reshape(-1, size).T)
+
+
 def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, sc: np.ndarray, dmin: Optional[np.ndarray],
                 m: Optional[np.ndarray], lo: int, hi: int, offset: int) -> np.ndarray:
-    """Final rounding against the stored scales; sub-blocks whose scale is 0 keep their search codes."""
+    """Final rounding against the stored scales; sub-blocks whose scale is 0 keep their search codes.
+
+    L is the search result in group layout (size, n_groups)."""
     n_sub = sc.shape[1]
     xs = x.reshape(x.shape[0], n_sub, -1)
     dd = d.astype(F32)[:, None] * sc.astype(F32)
@@ -238,7 +254,7 @@ def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, sc: np.ndarray, dmi
         v = xs + (dmin.astype(F32)[:, None] * m.astype(F32))[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
         new = np.clip(nearest_int(v / np.where(dd == 0, F32(1), dd)[..., None]), lo, hi) + offset
-    return np.where((dd == 0)[..., None], L.reshape(xs.shape), new).reshape(x.shape).astype(np.uint8)
+    return np.where((dd == 0)[..., None], L.T.reshape(xs.shape), new).reshape(x.shape).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------ Q2_K
@@ -247,8 +263,8 @@ def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, sc: np.ndarray, dmi
 def quantize_q2_k(x: np.ndarray) -> Parts:
     """``quantize_row_q2_K_ref``: 16 sub-blocks of 16, 2-bit codes, 4-bit scales and mins."""
     n = x.shape[0]
-    xs = x.reshape(-1, 16)
-    scales, mins, L = make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
+    xt = _groups(x, 16)
+    scales, mins, L = make_qkx2_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, True)
     scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
     max_scale, max_min = _first_max(scales), _first_max(mins)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -265,14 +281,13 @@ def quantize_q2_k(x: np.ndarray) -> Parts:
 def pack_q2_k(p: Parts) -> np.ndarray:
     codes, d, dmin, sc, m = p
     scales = (sc.astype(np.uint8) & 15) | (m.astype(np.uint8) << 4)
-    return np.concatenate([scales, _pack_crumbs(codes), f16_bytes(d),
-                           f16_bytes(dmin)], axis=1)
+    return np.concatenate([scales, _pack_crumbs(codes), f16_bytes(d), f16_bytes(dmin)], axis=1)
 
 
 def unpack_q2_k(raw: np.ndarray) -> Parts:
     s = raw[:, 0:16]
-    d, dmin = raw[:, 80:82].copy().view(np.float16)[:, 0], raw[:, 82:84].copy().view(np.float16)[:, 0]
-    return (_unpack_crumbs(raw[:, 16:80]), d, dmin, (s & 15).astype(np.int16), (s >> 4).astype(np.int16))
+    sc, m = (s & 15).astype(np.int16), (s >> 4).astype(np.int16)
+    return _unpack_crumbs(raw[:, 16:80]), f16_at(raw, 80), f16_at(raw, 82), sc, m
 
 
 # ------------------------------------------------------------------------------------------ Q3_K
@@ -281,7 +296,7 @@ def unpack_q2_k(raw: np.ndarray) -> Parts:
 def quantize_q3_k(x: np.ndarray) -> Parts:
     """``quantize_row_q3_K_ref``: 16 sub-blocks of 16, 3-bit codes, signed 6-bit scales."""
     n = x.shape[0]
-    scales, L = make_q3_quants(x.reshape(-1, 16), 4)
+    scales, L = make_q3_quants(_groups(x, 16), 4)
     scales = scales.reshape(n, 16)
     max_scale = signed_absmax(scales)
     nz = max_scale != 0
@@ -316,7 +331,7 @@ def unpack_q3_k(raw: np.ndarray) -> Parts:
     low = np.concatenate([s[:, 0:8] & 15, s[:, 0:8] >> 4], axis=1)
     hi = ((s[:, 8:12][:, None, :] >> (2 * np.arange(4, dtype=np.uint8))[None, :, None]) & 3).reshape(n, 16)
     sc = (low | hi << 4).astype(np.int16) - 32
-    return codes, raw[:, 108:110].copy().view(np.float16)[:, 0], None, sc, None
+    return codes, f16_at(raw, 108), None, sc, None
 
 
 # ------------------------------------------------------------------------------------ Q4_K / Q5_K
@@ -324,9 +339,9 @@ def unpack_q3_k(raw: np.ndarray) -> Parts:
 
 def _quantize_q45_k(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> Parts:
     n = x.shape[0]
-    xs = x.reshape(-1, 32)
-    av_x = np.sqrt(seqsum(xs * xs) / F32(32))
-    scales, mins, L = make_qkx2_quants(xs, av_x[:, None] + np.abs(xs), nmax, rmin, 0.1, nstep, False)
+    xt = _groups(x, 32)
+    av_x = np.sqrt(seqsum(xt * xt) / F32(32))
+    scales, mins, L = make_qkx2_quants(xt, av_x + np.abs(xt), nmax, rmin, 0.1, nstep, False)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
     max_scale, max_min = _first_max(scales), _first_max(mins)
     with np.errstate(divide="ignore"):
@@ -359,7 +374,7 @@ def pack_q4_k(p: Parts) -> np.ndarray:
 
 def unpack_q4_k(raw: np.ndarray) -> Parts:
     sc, m = _unpack_scale_min_k4(raw[:, 4:16])
-    d, dmin = raw[:, 0:2].copy().view(np.float16)[:, 0], raw[:, 2:4].copy().view(np.float16)[:, 0]
+    d, dmin = f16_at(raw, 0), f16_at(raw, 2)
     return _unpack_nibbles64(raw[:, 16:144]), d, dmin, sc, m
 
 
@@ -374,7 +389,7 @@ def pack_q5_k(p: Parts) -> np.ndarray:
 
 def unpack_q5_k(raw: np.ndarray) -> Parts:
     sc, m = _unpack_scale_min_k4(raw[:, 4:16])
-    d, dmin = raw[:, 0:2].copy().view(np.float16)[:, 0], raw[:, 2:4].copy().view(np.float16)[:, 0]
+    d, dmin = f16_at(raw, 0), f16_at(raw, 2)
     high = (raw[:, 16:48][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
     return _unpack_nibbles64(raw[:, 48:176]) | (high.reshape(-1, QK_K) << 4), d, dmin, sc, m
 
@@ -385,7 +400,7 @@ def unpack_q5_k(raw: np.ndarray) -> Parts:
 def quantize_q6_k(x: np.ndarray) -> Parts:
     """``quantize_row_q6_K_ref``: 16 sub-blocks of 16, 6-bit codes, int8 scales."""
     n = x.shape[0]
-    scales, L = make_qx_quants(x.reshape(-1, 16), 32)
+    scales, L = make_qx_quants(_groups(x, 16), 32)
     scales = scales.reshape(n, 16)
     max_scale = signed_absmax(scales)
     zero = np.abs(max_scale) < GROUP_MAX_EPS
@@ -413,4 +428,4 @@ def unpack_q6_k(raw: np.ndarray) -> Parts:
     lo = np.stack([ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], axis=2)
     codes = (lo | (qh & 3) << 4).reshape(-1, QK_K)
     sc = raw[:, 192:208].copy().view(np.int8).astype(np.int16)
-    return codes, raw[:, 208:210].copy().view(np.float16)[:, 0], None, sc, None
+    return codes, f16_at(raw, 208), None, sc, None
