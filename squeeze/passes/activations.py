@@ -10,15 +10,11 @@ from squeeze.errors import SqueezeError
 from squeeze.primitives import act_scale_from_absmax
 from squeeze.scheme import ActScheme
 
-# torch.quantile refuses inputs over 2^24 elements; larger inputs are strided down.
-_QUANTILE_LIMIT = 1 << 24
-
-
 def abs_percentile(x: torch.Tensor, percentile: float) -> torch.Tensor:
+    """The ``percentile``-th percentile of |x| (nearest rank; a selection, not a full sort)."""
     flat = x.detach().abs().flatten().float()
-    if flat.numel() > _QUANTILE_LIMIT:
-        flat = flat[:: -(-flat.numel() // _QUANTILE_LIMIT)]
-    return torch.quantile(flat, percentile / 100.0)
+    k = min(flat.numel(), max(1, int(round(percentile / 100.0 * flat.numel()))))
+    return flat.kthvalue(k).values
 
 
 class InputRangeObserver:
