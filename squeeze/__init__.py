@@ -15,6 +15,7 @@ _EXPORTS = {
     "load": "squeeze.api",
     "save": "squeeze.api",
     "evaluate": "squeeze.api",
+    "export": "squeeze.api",
     "QuantScheme": "squeeze.scheme",
     "ActScheme": "squeeze.scheme",
     "PRESETS": "squeeze.scheme",

@@ -19,10 +19,11 @@ from squeeze import __version__
 from squeeze.calib import CalibConfig, CalibrationSet, load_calibration, read_text, tokenize_stream
 from squeeze.checkpoint import gptq as ckpt
 from squeeze.errors import SqueezeError
+from squeeze.exporters import Artifact, get_exporter
 from squeeze.eval.evaluate import EvalResult, choose_context, evaluate_tokens
-from squeeze.eval.runtimes import TorchRuntime
+from squeeze.eval.runtimes import TorchRuntime, open_runtime
 from squeeze.fsutil import atomic_output_dir, check_output_path
-from squeeze.model import directory_hash, load_pretrained, load_tokenizer, validate_model_dir, weights_size
+from squeeze.model import directory_hash, load_pretrained, load_tokenizer, validate_model_dir
 from squeeze.modules import QuantLinear
 from squeeze.recipe import Recipe
 from squeeze.registry import pass_for_config
@@ -143,37 +144,62 @@ def quantize_dir(
     return save(model, out, recipe, source=src, calib=calib_set, records=records, overwrite=overwrite)
 
 
+def export(model: str | Path, fmt: str, output: str | Path, overwrite: bool = False, **options) -> Artifact:
+    """Export the model directory ``model`` to ``fmt`` at ``output``; options go to that format's config.
+
+    Options left at None are the format's defaults; an option the format does not take is an error.
+    """
+    from dataclasses import fields
+
+    export_fn, config_cls = get_exporter(fmt)
+    known = {f.name for f in fields(config_cls)}
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise SqueezeError(f"{flags} does not apply to --to {fmt}")
+    config = config_cls(**{k: v for k, v in options.items() if k in known and v is not None})
+    src = Path(model)
+    if not src.exists():
+        raise SqueezeError(f"model path {str(src)!r} does not exist")
+    out = check_output_path(output, overwrite)
+    return export_fn(src, out, config, overwrite)
+
+
 def evaluate(
     model: str | Path | nn.Module,
     data: str | Path,
     reference: str | Path | nn.Module | None = None,
     ctx: int | None = None,
     tokenizer=None,
+    runtime: str | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """Perplexity of ``model`` on the text in ``data``; with ``reference``, also KLD and top-1 agreement."""
-    if isinstance(model, (str, Path)):
-        path = validate_model_dir(model)
-        tokenizer = tokenizer or load_tokenizer(path)
-        size = weights_size(path)
-        model = load(path)
-    else:
+    """Perplexity of ``model`` on the text in ``data``; with ``reference``, also KLD and top-1 agreement.
+
+    ``model`` is an nn.Module or an artifact path (model directory, .gguf, ...) run by the
+    runtime that fits it (``runtime`` forces one). Every runtime sees the same tokens: those of
+    ``tokenizer``, else the model directory's, else the reference directory's.
+    """
+    if isinstance(model, nn.Module):
         size = sum(t.numel() * t.element_size() for t in ckpt.checkpoint_state(model).values())
-    ref_model = load(reference) if isinstance(reference, (str, Path)) else reference
-    if tokenizer is None and isinstance(reference, (str, Path)):
-        tokenizer = load_tokenizer(Path(reference))
+        rt = TorchRuntime(model, size_bytes=size)
+    else:
+        rt = open_runtime(model, runtime)
+    ref_rt = None
+    if isinstance(reference, nn.Module):
+        ref_rt = TorchRuntime(reference)
+    elif reference is not None:
+        ref_rt = open_runtime(reference)
+    tokenizer = tokenizer or rt.tokenizer or (ref_rt.tokenizer if ref_rt is not None else None)
     if tokenizer is None:
-        raise SqueezeError("evaluation needs a tokenizer: the model directory has none (pass tokenizer=...)")
-    runtime = TorchRuntime(model)
-    ref_runtime = TorchRuntime(ref_model) if ref_model is not None else None
-    if ref_runtime is not None and ref_runtime.vocab_size != runtime.vocab_size:
-        raise SqueezeError(
-            f"reference vocabulary ({ref_runtime.vocab_size}) differs from the model's ({runtime.vocab_size})"
-        )
-    ctx = choose_context(runtime, ctx)
+        raise SqueezeError("evaluation needs a tokenizer: the model has none; pass --reference (or tokenizer=...)")
+    if ref_rt is not None and ref_rt.vocab_size != rt.vocab_size:
+        raise SqueezeError(f"reference vocabulary ({ref_rt.vocab_size}) differs from the model's ({rt.vocab_size})")
+    ctx = choose_context(rt, ctx)
     if ctx < 2:
         raise SqueezeError(f"--ctx must be at least 2, got {ctx}")
     tokens = tokenize_stream(tokenizer, read_text(data))
     if len(tokens) < 2:
         raise SqueezeError(f"{str(data)!r} holds fewer than 2 tokens; nothing to score")
-    return evaluate_tokens(runtime, tokens, ctx, ref_runtime, size, progress)
+    return evaluate_tokens(rt, tokens, ctx, ref_rt, rt.size_bytes, progress)

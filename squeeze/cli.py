@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from squeeze.errors import SqueezeError
+from squeeze.errors import SqueezeError, VerificationError
 
 METHODS = ("rtn",)  # the registered passes the CLI exposes (kept in step with squeeze.registry)
 
@@ -94,26 +94,55 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Original model directory: adds KL divergence and top-1 agreement.")
 @click.option("--ctx", type=int, default=None, help="Window length in tokens [default: model context, at most 2048].")
+@click.option("--runtime", default=None, help="Force a runtime (torch, llama.cpp, ...) instead of the artifact's own.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="Model directory whose tokenizer to use [default: the model's, else the reference's].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def eval_cmd(model, data, reference, ctx, as_json) -> None:
-    """Perplexity of MODEL on --data (and KLD / top-1 agreement against --reference)."""
+def eval_cmd(model, data, reference, ctx, runtime, tokenizer, as_json) -> None:
+    """Perplexity of MODEL (a model directory or an exported file) on --data, and KLD / top-1 vs --reference."""
     from squeeze import api
     from squeeze.eval.report import text_table
-    from squeeze.model import validate_model_dir
+    from squeeze.model import load_tokenizer, validate_model_dir
 
-    validate_model_dir(model)
+    if not model.exists():
+        raise SqueezeError(f"model path {str(model)!r} does not exist")
     if not data.is_file():
         raise SqueezeError(f"data file {str(data)!r} does not exist")
     if reference is not None:
         validate_model_dir(reference)
     if ctx is not None and ctx < 2:
         raise SqueezeError(f"--ctx must be at least 2, got {ctx}")
-    result = api.evaluate(model, data, reference=reference, ctx=ctx, progress=not as_json).to_dict()
+    tok = load_tokenizer(validate_model_dir(tokenizer)) if tokenizer is not None else None
+    result = api.evaluate(model, data, reference=reference, ctx=ctx, tokenizer=tok, runtime=runtime,
+                          progress=not as_json).to_dict()
     result.update(model=str(model), data=str(data), reference=str(reference) if reference else None)
     if as_json:
         click.echo(json.dumps(result))
     else:
         click.echo(text_table([result], ("ppl", "kld", "top1_agreement", "tokens", "size_bytes", "seconds")))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--to", "fmt", required=True, help="Export format (gguf, ...).")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output file.")
+@click.option("--type", "qtype", default=None, help="Format-specific type (gguf: f32, f16, q8_0, q4_0, q4_k_m, ...).")
+@click.option("--requantize", is_flag=True, help="Re-round a calibrated checkpoint onto a different grid (warns).")
+@click.option("--no-verify", is_flag=True, help="Skip loading the file in its runtime and comparing with torch.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def export(model, fmt, output, qtype, requantize, no_verify, overwrite) -> None:
+    """Export MODEL (a float or quantized model directory) to a deployment format."""
+    from squeeze import api
+
+    artifact = api.export(model, fmt, output, qtype=qtype, verify=not no_verify, requantize=requantize,
+                          overwrite=overwrite)
+    for note in artifact.notes:
+        click.echo(note, err=True)
+    v = artifact.verification
+    if v:
+        click.echo(f"verified in {v['runtime']}: " + ", ".join(f"{k}={v[k]:.6g}" for k in v if isinstance(v[k], float)),
+                   err=True)
+    click.echo(f"wrote {artifact.path} ({artifact.size_bytes} bytes)", err=True)
 
 
 @cli.command()
@@ -147,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except SqueezeError as e:
         click.echo(f"error: {e}", err=True)
         return 2
+    except VerificationError as e:
+        click.echo(f"error: verification failed: {e}", err=True)
+        return 1
     except click.UsageError as e:
         click.echo(f"error: {e.format_message()}", err=True)
         return 2

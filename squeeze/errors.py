@@ -10,3 +10,7 @@ class MissingExtraError(SqueezeError):
 
     def __init__(self, package: str, extra: str):
         super().__init__(f"{package} is not installed; install it with: pip install 'squeeze[{extra}]'")
+
+
+class VerificationError(Exception):
+    """An exported artifact failed its check in the real runtime (the CLI exits 1; the file is removed)."""

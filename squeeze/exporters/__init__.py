@@ -1,1 +1,50 @@
-"""Exporters that write quantized models to deployment formats."""
+"""Exporters: write a model to a deployment format and verify it in the real runtime.
+
+Each format is one row of `EXPORTERS` (module and function, imported only when used, so
+``import squeeze`` stays light and heavy runtimes stay optional). An exporter function takes
+(source model directory, output path, its config object, overwrite) and returns an `Artifact`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from squeeze.errors import SqueezeError
+
+# format name -> (module, function, config class name in that module)
+EXPORTERS: dict[str, tuple[str, str, str]] = {
+    "gguf": ("squeeze.exporters.gguf.exporter", "export_gguf", "GGUFExport"),
+}
+
+
+@dataclass
+class Artifact:
+    """An exported file and what its verification in the real runtime measured."""
+
+    path: Path
+    format: str
+    type: str
+    size_bytes: int
+    verification: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "type": self.type,
+            "size_bytes": self.size_bytes,
+            "verification": self.verification,
+            "notes": self.notes,
+        }
+
+
+def get_exporter(name: str):
+    """(export function, config class) for a format name; unknown names list the known ones."""
+    if name not in EXPORTERS:
+        raise SqueezeError(f"unknown export format {name!r}; known formats: {', '.join(sorted(EXPORTERS))}")
+    module_name, func, config_cls = EXPORTERS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, func), getattr(module, config_cls)
