@@ -33,7 +33,7 @@ def test_static_quantization_error_is_half_a_step():
     x = torch.linspace(-2.5, 2.5, 1001)
     y = fake_quant_activation(x, ActScheme(mode="static"), scale)
     inside = x.abs() <= 127 * 0.02
-    assert torch.all((y - x)[inside].abs() <= 0.01 * (1 + 1e-5))  # half a step, float32 rounding aside
+    assert torch.all((y - x)[inside].abs() <= 0.01 * (1 + 1e-4))  # half a step, float32 rounding aside
     assert y.max() == pytest.approx(127 * 0.02) and y.min() == pytest.approx(-128 * 0.02)  # clipped
 
 
