@@ -44,14 +44,32 @@ class TorchRuntime:
         logits = out.logits if hasattr(out, "logits") else out
         return logits.float().cpu()
 
+    @torch.no_grad()
+    def decode(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy decoding with the model's KV cache (a plain module re-runs the sequence)."""
+        ids = prompt.to(self.device)
+        if getattr(self.model, "config", None) is None:
+            for _ in range(new_tokens):
+                ids = torch.cat([ids, self.logits(ids)[:, -1].argmax(-1, keepdim=True).to(self.device)], dim=1)
+            return ids
+        out = self.model(ids, use_cache=True)
+        past = out.past_key_values
+        for _ in range(new_tokens):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            out = self.model(nxt, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+        return ids
+
 
 # runtime name -> (module, class)
 RUNTIMES: dict[str, tuple[str, str]] = {
     "torch": ("squeeze.eval.runtimes", "TorchRuntime"),
     "llama.cpp": ("squeeze.eval.llamacpp", "LlamaCppRuntime"),
+    "onnxruntime": ("squeeze.eval.onnxruntime", "OrtRuntime"),
 }
 # file suffix -> runtime name (directories run in torch)
-SUFFIX_RUNTIMES: dict[str, str] = {".gguf": "llama.cpp"}
+SUFFIX_RUNTIMES: dict[str, str] = {".gguf": "llama.cpp", ".onnx": "onnxruntime"}
 
 
 def runtime_for(path: Path) -> str:
