@@ -23,7 +23,7 @@ from squeeze.exporters import Artifact, get_exporter
 from squeeze.eval.evaluate import EvalResult, choose_context, evaluate_tokens
 from squeeze.eval.runtimes import TorchRuntime, open_runtime
 from squeeze.fsutil import atomic_output_dir, check_output_path
-from squeeze.model import directory_hash, load_pretrained, load_tokenizer, validate_model_dir
+from squeeze.model import auto_class_for, directory_hash, load_pretrained, load_tokenizer, validate_model_dir
 from squeeze.modules import QuantLinear
 from squeeze.recipe import Recipe
 from squeeze.registry import pass_for_config
@@ -63,7 +63,7 @@ def load(path: str | Path, dtype: str | None = None) -> nn.Module:
     config = json.loads((p / "config.json").read_text())
     if "quantization_config" not in config:
         return load_pretrained(p, _resolve_dtype(dtype))
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
     scheme = ckpt.scheme_from_quantization_config(config["quantization_config"])
@@ -77,7 +77,7 @@ def load(path: str | Path, dtype: str | None = None) -> nn.Module:
     torch_dtype = _resolve_dtype(dtype) or getattr(hf_config, "dtype", None) or torch.float32
     if isinstance(torch_dtype, str):
         torch_dtype = DTYPES.get(torch_dtype, torch.float32)
-    auto = AutoModelForCausalLM if type(hf_config) in AutoModelForCausalLM._model_mapping else AutoModel
+    auto = auto_class_for(hf_config)
     with no_init_weights():
         model = auto.from_config(hf_config, dtype=torch_dtype)
     return ckpt.load_into(model, p, scheme, layer_schemes)
@@ -120,7 +120,8 @@ def save(
     }
     target = check_output_path(out, overwrite)
     with atomic_output_dir(target, overwrite) as tmp:
-        ckpt.write_checkpoint(model, tmp, scheme, metadata, source_dir)
+        desc_act = any(getattr(p, "act_order", False) for p in _as_recipe(recipe).passes) if recipe else False
+        ckpt.write_checkpoint(model, tmp, scheme, metadata, source_dir, desc_act=desc_act)
     return target
 
 
@@ -139,7 +140,7 @@ def quantize_dir(
     model = load(src, dtype)
     calib_set = None
     if any(pass_for_config(p).needs_calibration(p) for p in recipe.passes):
-        calib_set = load_calibration(load_tokenizer(src), calib or CalibConfig())
+        calib_set = load_calibration(load_tokenizer(src), calib or CalibConfig(), model=model)
     records = quantize(model, recipe, calib_set)
     return save(model, out, recipe, source=src, calib=calib_set, records=records, overwrite=overwrite)
 
@@ -166,6 +167,21 @@ def export(model: str | Path, fmt: str, output: str | Path, overwrite: bool = Fa
     return export_fn(src, out, config, overwrite)
 
 
+def _open(model, runtime: str | None = None):
+    """A runtime for an nn.Module or an artifact path."""
+    if isinstance(model, nn.Module):
+        size = sum(t.numel() * t.element_size() for t in ckpt.checkpoint_state(model).values())
+        return TorchRuntime(model, size_bytes=size)
+    return open_runtime(model, runtime)
+
+
+def _tokenizer_for(tokenizer, *runtimes):
+    for candidate in (tokenizer, *(rt.tokenizer for rt in runtimes if rt is not None)):
+        if candidate is not None:
+            return candidate
+    raise SqueezeError("evaluation needs a tokenizer: the model has none; pass --reference (or tokenizer=...)")
+
+
 def evaluate(
     model: str | Path | nn.Module,
     data: str | Path,
@@ -181,19 +197,9 @@ def evaluate(
     runtime that fits it (``runtime`` forces one). Every runtime sees the same tokens: those of
     ``tokenizer``, else the model directory's, else the reference directory's.
     """
-    if isinstance(model, nn.Module):
-        size = sum(t.numel() * t.element_size() for t in ckpt.checkpoint_state(model).values())
-        rt = TorchRuntime(model, size_bytes=size)
-    else:
-        rt = open_runtime(model, runtime)
-    ref_rt = None
-    if isinstance(reference, nn.Module):
-        ref_rt = TorchRuntime(reference)
-    elif reference is not None:
-        ref_rt = open_runtime(reference)
-    tokenizer = tokenizer or rt.tokenizer or (ref_rt.tokenizer if ref_rt is not None else None)
-    if tokenizer is None:
-        raise SqueezeError("evaluation needs a tokenizer: the model has none; pass --reference (or tokenizer=...)")
+    rt = _open(model, runtime)
+    ref_rt = _open(reference) if reference is not None else None
+    tokenizer = _tokenizer_for(tokenizer, rt, ref_rt)
     if ref_rt is not None and ref_rt.vocab_size != rt.vocab_size:
         raise SqueezeError(f"reference vocabulary ({ref_rt.vocab_size}) differs from the model's ({rt.vocab_size})")
     ctx = choose_context(rt, ctx)
@@ -203,3 +209,24 @@ def evaluate(
     if len(tokens) < 2:
         raise SqueezeError(f"{str(data)!r} holds fewer than 2 tokens; nothing to score")
     return evaluate_tokens(rt, tokens, ctx, ref_rt, rt.size_bytes, progress)
+
+
+def evaluate_task(
+    model: str | Path | nn.Module, task: str | Path, tokenizer=None, runtime: str | None = None, progress: bool = True
+):
+    """Multiple-choice accuracy of ``model`` on a JSONL task file ({context, choices, label} per line)."""
+    from squeeze.eval.tasks import evaluate_multiple_choice, load_multiple_choice
+
+    items = load_multiple_choice(task)
+    rt = _open(model, runtime)
+    return evaluate_multiple_choice(rt, _tokenizer_for(tokenizer, rt), items, progress)
+
+
+def measure_speed(model: str | Path | nn.Module, runtime: str | None = None, **settings) -> dict:
+    """Latency and throughput of ``model`` in its runtime (settings: batch, prompt_tokens, new_tokens, warmup, runs)."""
+    from squeeze.eval.device import describe_device
+    from squeeze.eval.latency import measure_lm_throughput, peak_rss_bytes
+
+    rt = _open(model, runtime)
+    stats = measure_lm_throughput(rt, **settings).to_dict()
+    return {**stats, "runtime": rt.name, "peak_rss_bytes": peak_rss_bytes(), "device": describe_device()}

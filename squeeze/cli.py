@@ -14,7 +14,14 @@ import click
 
 from squeeze.errors import SqueezeError, VerificationError
 
-METHODS = ("rtn",)  # the registered passes the CLI exposes (kept in step with squeeze.registry)
+METHODS = ("rtn", "gptq", "awq", "smoothquant")  # the registered passes the CLI exposes (see squeeze.registry)
+# Flags that only some methods take: flag -> the config field it sets, per method.
+METHOD_FLAGS: dict[str, tuple[str, ...]] = {
+    "gptq": ("damp", "block_size", "act_order", "static_groups"),
+    "smoothquant": ("alpha",),
+}
+# Scheme defaults per method when neither --scheme nor the flag is given: (bits, granularity, act).
+METHOD_SCHEME_DEFAULTS: dict[str, tuple[int, str, str]] = {"smoothquant": (8, "channel", "static")}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,55 +42,79 @@ def _scheme_from_flags(scheme, bits, group_size, granularity, asym, act, act_obs
     return QuantScheme(bits=bits, symmetric=not asym, granularity=granularity, group_size=gs, activations=activations)
 
 
+def _method_options(method: str, given: dict) -> dict:
+    """The method-specific flags that were given, checked against the method (e.g. --damp is GPTQ's)."""
+    options = {k: v for k, v in given.items() if v is not None and v is not False}
+    for key in options:
+        if key not in METHOD_FLAGS.get(method, ()):
+            owners = [m for m, keys in METHOD_FLAGS.items() if key in keys]
+            raise SqueezeError(f"--{key.replace('_', '-')} applies only to --method {' / '.join(owners)}, not {method!r}")
+    return options
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output checkpoint directory.")
 @click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True, help="Quantization method.")
 @click.option("--scheme", default=None, help="Named scheme preset (e.g. w4g128, w4g32-asym, w8a8); overrides --bits etc.")
-@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits, 2-8.")
+@click.option("--bits", type=int, default=None, help="Weight bits, 2-8 [default: 4; smoothquant: 8].")
 @click.option("--group-size", type=int, default=None, help="Columns per quantization group [default: 128].")
-@click.option("--granularity", type=click.Choice(["group", "channel", "tensor"]), default="group", show_default=True)
+@click.option("--granularity", type=click.Choice(["group", "channel", "tensor"]), default=None,
+              help="[default: group; smoothquant: channel]")
 @click.option("--asym", is_flag=True, help="Asymmetric grid (zero point) instead of symmetric.")
-@click.option("--act", type=click.Choice(["none", "static", "dynamic"]), default="none", show_default=True,
-              help="int8 activations: static per-tensor (calibrated) or dynamic per-token.")
+@click.option("--act", type=click.Choice(["none", "static", "dynamic"]), default=None,
+              help="int8 activations: static per-tensor (calibrated) or dynamic per-token [default: none; "
+                   "smoothquant: static].")
 @click.option("--act-observer", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True)
 @click.option("--targets", multiple=True, help="Layers to quantize (glob, suffix, or re:REGEX); repeatable.")
 @click.option("--ignore", multiple=True, help="Layers to keep in float (same patterns); repeatable.")
-@click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help="Calibration text (.txt or .jsonl with a 'text' field) [default: bundled corpus].")
-@click.option("--nsamples", type=int, default=128, show_default=True)
-@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--calib", default=None,
+              help="Calibration text (.txt or .jsonl with a 'text' field), or 'self' to sample it from the model "
+                   "[default: bundled corpus].")
+@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--damp", type=float, default=None, help="gptq: dampening, a fraction of the mean Hessian diagonal [0.01].")
+@click.option("--block-size", type=int, default=None, help="gptq: columns per lazy-batch update [128].")
+@click.option("--act-order", is_flag=True, help="gptq: quantize columns in order of decreasing Hessian diagonal.")
+@click.option("--static-groups", is_flag=True, help="gptq: fix group scales before the updates (with --act-order).")
+@click.option("--alpha", type=float, default=None, help="smoothquant: migration strength in [0, 1] [0.5].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe (overrides method/scheme flags).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, targets, ignore,
-             calib, nsamples, seqlen, seed, dtype, recipe, overwrite) -> None:
+             calib, nsamples, seqlen, seed, damp, block_size, act_order, static_groups, alpha, dtype, recipe,
+             overwrite) -> None:
     """Quantize the model directory MODEL into a checkpoint at OUTPUT."""
     from squeeze import api
-    from squeeze.calib import CalibConfig
+    from squeeze.calib import SELF, CalibConfig
+    from squeeze.fsutil import check_output_path
     from squeeze.model import validate_model_dir
     from squeeze.recipe import Recipe
     from squeeze.registry import get_pass
-
-    from squeeze.fsutil import check_output_path
     from squeeze.scheme import MAX_BITS, MIN_BITS
 
     validate_model_dir(model)
     check_output_path(output, overwrite)
+    default_bits, default_granularity, default_act = METHOD_SCHEME_DEFAULTS.get(method, (4, "group", "none"))
+    bits = default_bits if bits is None else bits
+    granularity = granularity or default_granularity
+    act = act or default_act
     if not MIN_BITS <= bits <= MAX_BITS:
         raise SqueezeError(f"--bits must be from {MIN_BITS} to {MAX_BITS}, got {bits}")
     if group_size is not None and group_size <= 0:
         raise SqueezeError(f"--group-size must be a positive integer, got {group_size}")
-    if calib is not None and not calib.is_file():
-        raise SqueezeError(f"calibration file {str(calib)!r} does not exist")
+    if calib is not None and calib != SELF and not Path(calib).is_file():
+        raise SqueezeError(f"calibration file {calib!r} does not exist (or pass --calib self)")
+    options = _method_options(method, {"damp": damp, "block_size": block_size, "act_order": act_order,
+                                       "static_groups": static_groups, "alpha": alpha})
     if recipe is not None:
         config = Recipe.load_yaml(recipe)
     else:
         qscheme = _scheme_from_flags(scheme, bits, group_size, granularity, asym, act, act_observer)
         entry = get_pass(method)
-        config = entry.config_cls(scheme=qscheme, targets=tuple(targets) or None, ignore=tuple(ignore))
-    calib_config = CalibConfig(str(calib) if calib else None, nsamples, seqlen, seed)
+        config = entry.config_cls(scheme=qscheme, targets=tuple(targets) or None, ignore=tuple(ignore), **options)
+    calib_config = CalibConfig(calib, nsamples, seqlen, seed)
     out = api.quantize_dir(model, output, config, calib_config, dtype, overwrite)
     click.echo(f"wrote {out}", err=True)
 
@@ -129,13 +160,14 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, as_json) -> None:
 @click.option("--type", "qtype", default=None, help="Format-specific type (gguf: f32, f16, q8_0, q4_0, q4_k_m, ...).")
 @click.option("--requantize", is_flag=True, help="Re-round a calibrated checkpoint onto a different grid (warns).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the file in its runtime and comparing with torch.")
+@click.option("--kv-cache", is_flag=True, help="onnx/tensorrt: past key/value inputs and outputs for token-by-token decoding.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def export(model, fmt, output, qtype, requantize, no_verify, overwrite) -> None:
+def export(model, fmt, output, qtype, requantize, no_verify, kv_cache, overwrite) -> None:
     """Export MODEL (a float or quantized model directory) to a deployment format."""
     from squeeze import api
 
     artifact = api.export(model, fmt, output, qtype=qtype, verify=not no_verify, requantize=requantize,
-                          overwrite=overwrite)
+                          kv_cache=kv_cache, overwrite=overwrite)
     for note in artifact.notes:
         click.echo(note, err=True)
     v = artifact.verification
@@ -154,6 +186,56 @@ def inspect(path, as_json) -> None:
 
     d = describe(path)
     click.echo(json.dumps(d, indent=2) if as_json else format_description(d))
+
+
+def _bench_config_from_flags(name, model, data, task, methods, formats):
+    from squeeze.bench import BenchConfig
+
+    if model is None or data is None:
+        raise SqueezeError("give a bench config file, or --model and --data (with --method / --format)")
+    method_items = []
+    for m in methods:
+        method, _, scheme = m.partition(":")
+        method_items.append({"method": method, **({"scheme": scheme} if scheme else {})})
+    format_items = []
+    for f in formats or ("torch",):
+        fmt, _, qtype = f.partition(":")
+        format_items.append({"format": fmt, **({"type": qtype} if qtype else {})})
+    return BenchConfig.from_dict({"name": name or Path(model).name, "model": str(model), "data": str(data),
+                                  "task": str(task) if task else None, "methods": method_items,
+                                  "formats": format_items}, base=Path.cwd())
+
+
+@cli.command()
+@click.argument("config", required=False, type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Report name (default: the config's name or the model directory's).")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Model directory (without a config file).")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Evaluation text (without a config file).")
+@click.option("--task", type=click.Path(path_type=Path), default=None, help="Multiple-choice JSONL task (optional).")
+@click.option("--method", "methods", multiple=True, help="METHOD:SCHEME, e.g. rtn:w4g32-asym; repeatable.")
+@click.option("--format", "formats", multiple=True, help="FORMAT[:TYPE], e.g. torch, gguf:q4_0, onnx:int4; repeatable.")
+@click.option("--reports", type=click.Path(path_type=Path), default=Path("reports"), show_default=True,
+              help="The report goes into REPORTS/<name>/.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".squeeze-cache"), show_default=True,
+              help="Checkpoints, artifacts and finished cells, reused by later runs.")
+def bench(config, name, model, data, task, methods, formats, reports, cache_dir) -> None:
+    """Run a grid of methods x export formats on one model and write reports/<name>/ (JSON, Markdown, HTML, plots)."""
+    from squeeze.bench import BenchConfig, bench_report, run_bench
+    from squeeze.eval.bench_report import BENCH_COLUMNS, write_report
+    from squeeze.eval.device import describe_device
+    from squeeze.eval.report import text_table
+
+    if config is not None:
+        cfg = BenchConfig.load(config)
+        if name:
+            cfg = BenchConfig.from_dict({**cfg.__dict__, "name": name})
+    else:
+        cfg = _bench_config_from_flags(name, model, data, task, methods, formats)
+    rows = run_bench(cfg, cache_dir)
+    files = write_report(bench_report(cfg, rows, describe_device()), reports / cfg.name)
+    columns = [c for c in BENCH_COLUMNS if c not in ("type", "runtime") and any(r.get(c) is not None for r in rows)]
+    click.echo(text_table(rows, columns + (["error"] if any("error" in r for r in rows) else [])))
+    click.echo(f"wrote {', '.join(str(f) for f in files)}", err=True)
 
 
 @cli.command()

@@ -12,7 +12,7 @@ from squeeze.eval.metrics import LMStats, windows
 
 DEFAULT_MAX_CONTEXT = 2048
 # Logits kept per batch are capped near this many bytes (batch x ctx x vocab x 4 bytes, twice with a reference).
-LOGITS_BUDGET_BYTES = 256 << 20
+LOGITS_BUDGET_BYTES = 64 << 20
 
 
 @dataclass

@@ -17,6 +17,16 @@ COLUMNS: dict[str, tuple[str, Any]] = {
     "tokens": ("tokens", str),
     "seconds": ("eval s", lambda v: f"{v:.1f}"),
     "quant_seconds": ("quant s", lambda v: f"{v:.1f}"),
+    "format": ("format", str),
+    "type": ("type", str),
+    "runtime": ("runtime", str),
+    "task_accuracy": ("task acc", lambda v: f"{100 * v:.1f}%"),
+    "p50_ms": ("fwd p50 ms", lambda v: f"{v:.1f}"),
+    "p95_ms": ("fwd p95 ms", lambda v: f"{v:.1f}"),
+    "prefill_tokens_per_s": ("prefill tok/s", lambda v: f"{v:.0f}"),
+    "decode_tokens_per_s": ("decode tok/s", lambda v: f"{v:.1f}"),
+    "peak_rss_bytes": ("peak RSS", lambda v: human_bytes(v)),
+    "error": ("error", str),
 }
 
 
