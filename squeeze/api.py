@@ -230,3 +230,47 @@ def measure_speed(model: str | Path | nn.Module, runtime: str | None = None, **s
     rt = _open(model, runtime)
     stats = measure_lm_throughput(rt, **settings).to_dict()
     return {**stats, "runtime": rt.name, "peak_rss_bytes": peak_rss_bytes(), "device": describe_device()}
+
+
+# Keys of `squeeze eval --json`: the same on every runtime (null where not measured).
+EVAL_JSON_KEYS = (
+    "ppl", "kld", "top1_agreement", "tokens", "windows", "ctx", "size_bytes", "runtime", "seconds",
+    "task_accuracy", "task_accuracy_norm", "task_items",
+    "p50_ms", "p95_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes", "latency_settings",
+    "device", "model", "data", "reference",
+)
+
+
+def eval_report(
+    model: str | Path,
+    data: str | Path,
+    reference: str | Path | None = None,
+    ctx: int | None = None,
+    tokenizer=None,
+    runtime: str | None = None,
+    task: str | Path | None = None,
+    latency: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Everything `squeeze eval` reports, as one flat dict with the keys of EVAL_JSON_KEYS."""
+    from squeeze.eval.device import describe_device
+
+    out = dict.fromkeys(EVAL_JSON_KEYS)
+    res = evaluate(model, data, reference=reference, ctx=ctx, tokenizer=tokenizer, runtime=runtime, progress=progress)
+    out.update(res.to_dict())
+    if task is not None:
+        if tokenizer is None and reference is not None and not Path(model).is_dir():
+            tokenizer = load_tokenizer(Path(reference))
+        t = evaluate_task(model, task, tokenizer=tokenizer, runtime=runtime, progress=progress)
+        out.update(task_accuracy=t.accuracy, task_accuracy_norm=t.accuracy_norm, task_items=t.items)
+    if latency:
+        speed = measure_speed(model, runtime=runtime)
+        out.update(
+            p50_ms=speed["forward"]["p50_ms"], p95_ms=speed["forward"]["p95_ms"],
+            prefill_tokens_per_s=speed["prefill_tokens_per_s"], decode_tokens_per_s=speed["decode_tokens_per_s"],
+            peak_rss_bytes=speed["peak_rss_bytes"],
+            latency_settings={k: speed[k] for k in ("batch", "prompt_tokens", "new_tokens")},
+        )
+    out.update(device=describe_device(), model=str(model), data=str(data),
+               reference=str(reference) if reference is not None else None)
+    return out
