@@ -125,11 +125,14 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Original model directory: adds KL divergence and top-1 agreement.")
 @click.option("--ctx", type=int, default=None, help="Window length in tokens [default: model context, at most 2048].")
-@click.option("--runtime", default=None, help="Force a runtime (torch, llama.cpp, ...) instead of the artifact's own.")
+@click.option("--runtime", default=None, help="Force a runtime (torch, llama.cpp, onnxruntime, ...) instead of the artifact's own.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="Model directory whose tokenizer to use [default: the model's, else the reference's].")
+@click.option("--task", type=click.Path(path_type=Path), default=None,
+              help="Multiple-choice JSONL ({context, choices, label} per line): adds task accuracy.")
+@click.option("--latency", is_flag=True, help="Also measure forward latency, prefill/decode tokens/s and peak memory.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def eval_cmd(model, data, reference, ctx, runtime, tokenizer, as_json) -> None:
+def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_json) -> None:
     """Perplexity of MODEL (a model directory or an exported file) on --data, and KLD / top-1 vs --reference."""
     from squeeze import api
     from squeeze.eval.report import text_table
@@ -139,18 +142,22 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, as_json) -> None:
         raise SqueezeError(f"model path {str(model)!r} does not exist")
     if not data.is_file():
         raise SqueezeError(f"data file {str(data)!r} does not exist")
+    if task is not None and not task.is_file():
+        raise SqueezeError(f"task file {str(task)!r} does not exist")
     if reference is not None:
         validate_model_dir(reference)
     if ctx is not None and ctx < 2:
         raise SqueezeError(f"--ctx must be at least 2, got {ctx}")
     tok = load_tokenizer(validate_model_dir(tokenizer)) if tokenizer is not None else None
-    result = api.evaluate(model, data, reference=reference, ctx=ctx, tokenizer=tok, runtime=runtime,
-                          progress=not as_json).to_dict()
-    result.update(model=str(model), data=str(data), reference=str(reference) if reference else None)
+    result = api.eval_report(model, data, reference=reference, ctx=ctx, tokenizer=tok, runtime=runtime, task=task,
+                             latency=latency, progress=not as_json)
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(text_table([result], ("ppl", "kld", "top1_agreement", "tokens", "size_bytes", "seconds")))
+        columns = ["ppl", "kld", "top1_agreement", "tokens", "size_bytes", "seconds"]
+        columns += ["task_accuracy"] if task else []
+        columns += ["p50_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes"] if latency else []
+        click.echo(text_table([result], columns))
 
 
 @cli.command()
