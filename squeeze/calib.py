@@ -1,8 +1,10 @@
-"""Calibration data: token sequences from a local text file, with a content hash.
+"""Calibration data: token sequences from a local text file (or the model itself), with a content hash.
 
 Plain text is read whole; JSONL files use each record's "text" field. The
 text is tokenized with the model's own tokenizer as one stream and ``nsamples``
-windows of ``seqlen`` tokens are drawn at seeded random offsets.
+windows of ``seqlen`` tokens are drawn at seeded random offsets. The path
+``"self"`` asks for data-free calibration: sequences sampled from the model
+(temperature 1, seeded), for users with no data offline.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import torch
 from squeeze.errors import SqueezeError
 from squeeze.resources import default_calibration_text
 
+SELF = "self"  # CalibConfig.path that means: sample calibration sequences from the model
+
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Where calibration sequences come from; None path means the bundled default corpus."""
+    """Where calibration sequences come from: a text file, None (the bundled corpus), or "self" (the model)."""
 
     path: str | None = None
     nsamples: int = 128
@@ -85,8 +89,12 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def load_calibration(tokenizer, config: CalibConfig) -> CalibrationSet:
-    """Draw ``nsamples`` seeded windows of ``seqlen`` tokens from the calibration text."""
+def load_calibration(tokenizer, config: CalibConfig, model=None) -> CalibrationSet:
+    """Draw ``nsamples`` seeded windows of ``seqlen`` tokens from the calibration text (or the model)."""
+    if config.path == SELF:
+        if model is None:
+            raise SqueezeError("--calib self samples from the model, so load_calibration needs model=...")
+        return sample_from_model(model, config, bos_token_id(model, tokenizer))
     if tokenizer is None:
         raise SqueezeError("calibration from text needs the model's tokenizer, and the model directory has none")
     path = config.path or default_calibration_text()
@@ -98,3 +106,45 @@ def load_calibration(tokenizer, config: CalibConfig) -> CalibrationSet:
     starts = torch.randint(0, len(stream) - seqlen + 1, (config.nsamples,), generator=gen)
     windows = torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
     return CalibrationSet(windows, str(path))
+
+
+def bos_token_id(model, tokenizer) -> int:
+    """The token every sampled sequence starts from: BOS of the tokenizer or model config, else 0."""
+    for source in (tokenizer, getattr(model, "config", None)):
+        bos = getattr(source, "bos_token_id", None)
+        if isinstance(bos, int):
+            return bos
+    return 0
+
+
+@torch.no_grad()
+def sample_from_model(model, config: CalibConfig, bos: int, batch_size: int = 64) -> CalibrationSet:
+    """``nsamples`` sequences of ``seqlen`` tokens sampled from ``model`` at temperature 1 (seeded).
+
+    Every sequence starts at BOS; sampling uses the KV cache, and a CPU
+    generator so the same seed gives the same tokens on every device.
+    """
+    from tqdm.auto import tqdm
+
+    max_ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None) or config.seqlen
+    seqlen = min(config.seqlen, int(max_ctx))
+    gen = torch.Generator().manual_seed(config.seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in tqdm(range(0, config.nsamples, batch_size), desc="sample calibration", unit="batch", leave=False):
+            n = min(batch_size, config.nsamples - start)
+            tokens = torch.full((n, 1), bos, dtype=torch.int64)
+            past, step_input = None, tokens
+            for _ in range(seqlen - 1):
+                result = model(step_input.to(device), past_key_values=past, use_cache=True)
+                past = result.past_key_values
+                probs = torch.softmax(result.logits[:, -1].float().cpu(), dim=-1)
+                step_input = torch.multinomial(probs, 1, generator=gen)
+                tokens = torch.cat([tokens, step_input], dim=1)
+            out.append(tokens)
+    finally:
+        model.train(was_training)
+    return CalibrationSet(torch.cat(out), f"self (sampled from the model, temperature 1, seed {config.seed})")

@@ -88,9 +88,10 @@ def format_description(d: dict) -> str:
     errors = [(n, r) for n, r in d["layers"].items() if "weight_rel_mse" in r]
     if errors:
         lines.append("")
-        lines.append(f"{'layer':<40}{'scheme':>14}{'weight rel. MSE':>18}")
+        out_header = f"{'output rel. MSE':>18}" if any("output_rel_mse" in r for _, r in errors) else ""
+        lines.append(f"{'layer':<40}{'scheme':>14}{'weight rel. MSE':>18}{out_header}")
         for n, r in errors:
-            extra = f"{r['output_rel_mse']:>14.3e}" if "output_rel_mse" in r else ""
+            extra = f"{r['output_rel_mse']:>18.3e}" if "output_rel_mse" in r else ""
             lines.append(f"{n:<40}{r.get('scheme', '-'):>14}{r['weight_rel_mse']:>18.3e}{extra}")
     return "\n".join(lines)
 

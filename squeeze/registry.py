@@ -31,7 +31,10 @@ def register_pass(name: str, config_cls: type, apply: Callable, needs_calibratio
 
 def _load_builtin_passes() -> None:
     # Importing a pass module runs its register_pass call; the list is explicit.
+    import squeeze.passes.awq  # noqa: F401
+    import squeeze.passes.gptq  # noqa: F401
     import squeeze.passes.rtn  # noqa: F401
+    import squeeze.passes.smoothquant  # noqa: F401
 
 
 def get_pass(name: str) -> PassEntry:

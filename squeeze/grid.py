@@ -1,0 +1,99 @@
+"""The weight grid as an argument: what calibrated algorithms (GPTQ, AWQ) ask of a bit format.
+
+A grid fits its parameters on a block of columns of a weight (one quantization
+group for integer schemes; later a 32-wide legacy block or a 256-wide K-quant
+super-block for GGUF types, whose sub-block scales are fitted together) and
+answers "nearest representable value" for any columns inside that block. GPTQ
+walks the columns one at a time and asks the grid at every step, so it never
+knows whether it is rounding onto int4 or onto a Q4_K super-block.
+
+`IntGrid` implements the protocol for a `QuantScheme` with the same math as
+`primitives` (so GPTQ/AWQ codes go straight into `QuantLinear`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from squeeze.errors import SqueezeError
+from squeeze.primitives import qparams_from_range
+from squeeze.scheme import QuantScheme
+
+
+class WeightGrid(Protocol):
+    """A bit format as seen by a calibrated quantizer."""
+
+    def block_size(self, in_features: int) -> int:
+        """Columns whose parameters are fitted together (a group, or a super-block)."""
+        ...
+
+    def fit(self, w: torch.Tensor) -> Any:
+        """Grid parameters for one block of columns ``w`` [rows, block_size(in)] (float32)."""
+        ...
+
+    def nearest(self, w: torch.Tensor, params: Any, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (uint8) and values (float32) nearest to ``w`` [rows, k], columns start..start+k of the block."""
+        ...
+
+
+@dataclass(frozen=True)
+class IntParams:
+    """Per-row scale and zero point of one group: value = scale * (code - zero)."""
+
+    scale: torch.Tensor  # [rows]
+    zero: torch.Tensor  # [rows]
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """The integer grid of a `QuantScheme` (per-tensor, per-channel or per-group, sym or asym)."""
+
+    scheme: QuantScheme
+
+    def block_size(self, in_features: int) -> int:
+        return self.scheme.group_size_for(in_features)
+
+    def fit(self, w: torch.Tensor) -> IntParams:
+        w = w.float()
+        if self.scheme.granularity == "tensor":
+            wmin, wmax = w.min().expand(w.shape[0]), w.max().expand(w.shape[0])
+        else:
+            wmin, wmax = w.amin(dim=1), w.amax(dim=1)
+        scale, zero = qparams_from_range(wmin, wmax, self.scheme.bits, self.scheme.symmetric)
+        return IntParams(scale, zero)
+
+    def nearest(self, w: torch.Tensor, params: IntParams, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        s, z = params.scale.unsqueeze(1), params.zero.unsqueeze(1)
+        q = (torch.round(w.float() / s) + z).clamp(0, self.scheme.maxq)
+        return q.to(torch.uint8), (q - z) * s
+
+    def layer_qparams(self, params: list[IntParams]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack per-group parameters (group order) into QuantLinear's scales/zeros [rows, n_groups]."""
+        return torch.stack([p.scale for p in params], 1), torch.stack([p.zero for p in params], 1)
+
+
+def grid_for(scheme: QuantScheme) -> IntGrid:
+    """The grid a calibrated pass rounds onto for ``scheme``."""
+    if not isinstance(scheme, QuantScheme):
+        raise SqueezeError(f"expected a QuantScheme, got {type(scheme).__name__}; build one with squeeze.get_scheme")
+    if scheme.gguf is not None:  # llama.cpp's exact block grid (squeeze.exporters.gguf.grid)
+        from squeeze.exporters.gguf.grid import GGUFGrid
+
+        return GGUFGrid(scheme.gguf.upper())
+    return IntGrid(scheme)
+
+
+def quantize_rtn(grid: WeightGrid, w: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """Round every block of ``w`` [rows, in] to its nearest grid point: (codes, params per block, values)."""
+    w = w.float()
+    size = grid.block_size(w.shape[1])
+    codes, values, params = torch.empty(w.shape, dtype=torch.uint8, device=w.device), torch.empty_like(w), []
+    for start in range(0, w.shape[1], size):
+        block = w[:, start : start + size]
+        p = grid.fit(block)
+        codes[:, start : start + size], values[:, start : start + size] = grid.nearest(block, p, 0)
+        params.append(p)
+    return codes, params, values

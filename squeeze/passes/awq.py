@@ -1,0 +1,177 @@
+"""AWQ: activation-aware per-input-channel scaling, then an optional weight-clipping search.
+
+Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression
+and Acceleration" (2023), following AutoAWQ's search (scales
+x_mean^r / w_mean^(1-r) over a grid of exponents r, then per-group clipping).
+Both searches score candidates by the layers' output error on all
+calibration tokens, computed exactly from each layer's input second moment
+H = X^T X: ||X (Q - W)^T||^2 = tr((Q - W) H (Q - W)^T). Scales are folded
+into the preceding op, so the float model is unchanged before rounding; the
+weights are then rounded on the scheme's grid into the usual QuantLinear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from squeeze.errors import SqueezeError
+from squeeze.grid import WeightGrid, grid_for, quantize_rtn
+from squeeze.model import linear_weight, select_linears
+from squeeze.passes.common import replace_with_quant_linear
+from squeeze.passes.gptq_core import HessianAccumulator, output_rel_error
+from squeeze.passes.scaling import fold_scales, mappings_for, relative_names, resolve
+from squeeze.primitives import group_index
+from squeeze.registry import register_pass
+from squeeze.runner import BlockInputs, collect_inputs, run_sequential
+from squeeze.scheme import QuantScheme, get_scheme
+
+# Layers whose clipping AutoAWQ skips: q/k errors are amplified by the attention softmax.
+NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "c_attn", "query", "key")
+
+
+@dataclass(frozen=True)
+class AWQ:
+    """AWQ settings: ``n_grid`` exponents in [0, 1) for the scale search; ``clip`` enables the clipping search."""
+
+    scheme: QuantScheme = field(default_factory=lambda: get_scheme("w4g128"))
+    targets: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] = ()
+    n_grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    max_shrink: float = 0.5
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_grid < 1:
+            raise SqueezeError(f"AWQ n_grid must be at least 1, got {self.n_grid}")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise SqueezeError(f"AWQ max_shrink must be in [0, 1), got {self.max_shrink}")
+        if self.scheme.activations is not None:
+            raise SqueezeError("AWQ quantizes weights only; for int8 activations use --method smoothquant or rtn")
+
+
+# ---- math -----------------------------------------------------------------------------
+
+
+def weighted_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per-row output error tr over tokens of (X delta^T)^2, from H = X^T X: [rows]."""
+    return torch.einsum("ok,kl,ol->o", delta, hessian, delta)
+
+
+def weight_mean(weights: list[torch.Tensor], group: int) -> torch.Tensor:
+    """AutoAWQ's w_mean: |w| normalised by its group's absmax, averaged over all output rows: [in]."""
+    w = torch.cat(weights).abs()
+    rows, cols = w.shape
+    if cols % group == 0:
+        g = w.reshape(rows, cols // group, group)
+        w = (g / (g.amax(dim=2, keepdim=True) + 1e-6)).reshape(rows, cols)
+    else:
+        w = w / (w.amax(dim=1, keepdim=True) + 1e-6)
+    return w.mean(0)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int, duo: bool):
+    """Identity first, then x_mean^r (/ w_mean^(1-r)) for r = 0, 1/n, ..., normalised to a geometric mean of ~1."""
+    yield torch.ones_like(x_mean)
+    for i in range(n_grid):
+        r = i / n_grid
+        s = x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4) if duo else x_mean.pow(r)
+        s = s.clamp(min=1e-4)
+        yield s / (s.max() * s.min()).sqrt()
+
+
+def search_scales(weights, hessians, x_mean, grid: WeightGrid, config: AWQ) -> tuple[torch.Tensor, float]:
+    """The input-channel scales minimising the summed output error of ``weights`` (all fed the same input)."""
+    w_mean = weight_mean(weights, grid.block_size(weights[0].shape[1]))
+    best, best_loss = None, float("inf")
+    for s in candidate_scales(x_mean, w_mean, config.n_grid, config.duo_scaling):
+        loss = 0.0
+        for w, h in zip(weights, hessians):
+            q = quantize_rtn(grid, w * s)[2] / s
+            loss += float(weighted_error(q - w, h).sum())
+        if loss < best_loss:
+            best, best_loss = s, loss
+    return best, best_loss
+
+
+def search_clip(w: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid, max_shrink: float, n_grid: int) -> torch.Tensor:
+    """``w`` with each (row, group) range shrunk by the ratio in [1 - max_shrink, 1] that minimises output error."""
+    size = grid.block_size(w.shape[1])
+    ratios = [1 - i / n_grid for i in range(int(max_shrink * n_grid))] or [1.0]
+    out = w.clone()
+    for start in range(0, w.shape[1], size):
+        wg = w[:, start : start + size]
+        hg = hessian[start : start + size, start : start + size]
+        lo, hi = wg.amin(dim=1, keepdim=True), wg.amax(dim=1, keepdim=True)
+        best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+        for r in ratios:
+            clipped = torch.maximum(torch.minimum(wg, hi * r), lo * r)
+            _, q = grid.nearest(clipped, grid.fit(clipped), 0)
+            err = weighted_error(q - wg, hg)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            out[better, start : start + size] = clipped[better]
+    return out
+
+
+# ---- wiring ---------------------------------------------------------------------------
+
+
+def _process_block(model: nn.Module, config: AWQ, mappings):
+    grid = grid_for(config.scheme)
+
+    def process(prefix: str, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs) -> dict[str, dict]:
+        device = inputs.hidden[0].device
+        acc = {n: HessianAccumulator(linear_weight(m).shape[1], device) for n, m in layers.items()}
+        abs_sum = {n: torch.zeros(linear_weight(m).shape[1], device=device) for n, m in layers.items()}
+
+        def observe(name: str, x: torch.Tensor) -> None:
+            acc[name].add(x)
+            abs_sum[name] += x.detach().abs().reshape(-1, x.shape[-1]).float().sum(0)
+
+        collect_inputs(block, inputs, layers, observe)
+        hessian = {n: a.hessian for n, a in acc.items()}
+        names = relative_names(prefix, layers)
+        plans = []  # search every mapping on the unscaled block first, then fold (as AutoAWQ)
+        for mapping in mappings:
+            found = resolve(block, mapping, names)
+            if found is None:
+                continue
+            prev, full = found
+            weights = [linear_weight(layers[n]).detach().float() for n in full]
+            x_mean = abs_sum[full[0]] / max(acc[full[0]].count, 1)
+            scales, _ = search_scales(weights, [hessian[n] for n in full], x_mean, grid, config)
+            plans.append((prev, full, scales, mapping.prev_part))
+        for prev, full, scales, part in plans:
+            fold_scales(prev, [layers[n] for n in full], scales, part)
+            for n in full:  # the layer now sees x / s: H' = diag(1/s) H diag(1/s)
+                inv = 1.0 / scales
+                hessian[n] = hessian[n] * inv.unsqueeze(0) * inv.unsqueeze(1)
+        records = {}
+        for name, module in layers.items():
+            w = linear_weight(module).detach().float()
+            target = w
+            if config.clip and not name.endswith(NO_CLIP_SUFFIXES):
+                target = search_clip(w, hessian[name], grid, config.max_shrink, config.n_grid)
+            codes, params, values = quantize_rtn(grid, target)
+            scales, zeros = grid.layer_qparams(params)
+            g_idx = group_index(w.shape[1], grid.block_size(w.shape[1]), w.device)
+            rec = replace_with_quant_linear(model, name, module, config.scheme, codes, scales, zeros, g_idx)
+            rec["output_rel_mse"] = output_rel_error(w, values, hessian[name])
+            records[name] = rec
+        return records
+
+    return process
+
+
+def apply_awq(model: nn.Module, config: AWQ, calib=None) -> dict[str, dict]:
+    layers = select_linears(model, config.targets, config.ignore)
+    mappings = mappings_for(model, "AWQ")
+    return run_sequential(model, layers, calib, _process_block(model, config, mappings), config.device, desc="awq")
+
+
+register_pass("awq", AWQ, apply_awq, lambda config: True)

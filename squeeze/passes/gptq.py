@@ -1,0 +1,93 @@
+"""GPTQ pass: second-order weight quantization, block by block through the sequential runner.
+
+    squeeze.quantize(model, GPTQ(scheme=get_scheme("w4g32-asym"), act_order=True), calib)
+
+The math lives in `gptq_core`; this module wires it to the runner and to
+QuantLinear. The grid is the scheme's (`squeeze.grid.grid_for`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from squeeze.errors import SqueezeError
+from squeeze.grid import grid_for
+from squeeze.model import linear_weight, select_linears
+from squeeze.passes.common import replace_with_quant_linear
+from squeeze.passes.gptq_core import GPTQResult, HessianAccumulator, gptq_quantize, output_rel_error
+from squeeze.registry import register_pass
+from squeeze.runner import BlockInputs, collect_inputs, groups_by_shared_input, run_sequential
+from squeeze.scheme import QuantScheme, get_scheme
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ settings. ``damp`` is a fraction of the Hessian's mean diagonal; ``block_size`` the lazy-batch width."""
+
+    scheme: QuantScheme = field(default_factory=lambda: get_scheme("w4g128"))
+    targets: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] = ()
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise SqueezeError(f"--block-size must be a positive integer, got {self.block_size}")
+        if not 0.0 < self.damp < 1.0:
+            raise SqueezeError(f"--damp must be in (0, 1) (a fraction of the mean Hessian diagonal), got {self.damp}")
+        if self.scheme.activations is not None:
+            raise SqueezeError("GPTQ quantizes weights only; for int8 activations use --method smoothquant or rtn")
+
+
+def quantize_linear(module: nn.Module, hessian: torch.Tensor, config: GPTQ) -> GPTQResult:
+    """GPTQ for one layer given its input Hessian."""
+    return gptq_quantize(
+        linear_weight(module).detach(),
+        hessian,
+        grid_for(config.scheme),
+        block_size=config.block_size,
+        damp=config.damp,
+        act_order=config.act_order,
+        static_groups=config.static_groups,
+    )
+
+
+def install(model: nn.Module, name: str, module: nn.Module, result: GPTQResult, hessian, config: GPTQ) -> dict:
+    """Replace ``module`` by a QuantLinear holding GPTQ's codes; returns the layer's record."""
+    scales, zeros = grid_for(config.scheme).layer_qparams(result.params)
+    weight = linear_weight(module).detach()
+    record = replace_with_quant_linear(model, name, module, config.scheme, result.codes, scales, zeros, result.g_idx)
+    record["output_rel_mse"] = output_rel_error(weight, result.values, hessian)
+    record["damp"] = result.damp
+    return record
+
+
+def _process_block(model: nn.Module, config: GPTQ):
+    def process(prefix: str, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs) -> dict[str, dict]:
+        groups = groups_by_shared_input(block, inputs, layers) if config.true_sequential else [list(layers)]
+        records = {}
+        for group in groups:
+            device = inputs.hidden[0].device
+            acc = {n: HessianAccumulator(linear_weight(layers[n]).shape[1], device) for n in group}
+            collect_inputs(block, inputs, {n: layers[n] for n in group}, lambda n, x: acc[n].add(x))
+            for n in group:
+                result = quantize_linear(layers[n], acc[n].hessian, config)
+                records[n] = install(model, n, layers[n], result, acc[n].hessian, config)
+        return records
+
+    return process
+
+
+def apply_gptq(model: nn.Module, config: GPTQ, calib=None) -> dict[str, dict]:
+    layers = select_linears(model, config.targets, config.ignore)
+    return run_sequential(model, layers, calib, _process_block(model, config), config.device, desc="gptq")
+
+
+register_pass("gptq", GPTQ, apply_gptq, lambda config: True)

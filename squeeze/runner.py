@@ -1,0 +1,208 @@
+"""The sequential layer-by-layer calibration runner shared by every calibrated pass.
+
+The inputs of the first transformer block (hidden states plus every other
+argument the model passes it: attention mask, position ids, rotary
+embeddings, ...) are captured once. Blocks are then processed one at a time:
+only the block being calibrated sits on the compute device, the pass
+quantizes it, and the *quantized* block's outputs become the next block's
+inputs (as GPTQ does), so later blocks learn to correct earlier errors.
+
+Which attribute holds the blocks is data (`squeeze.model.BLOCK_PATHS` plus a
+generic fallback); the linears of a block are those `select_linears` chose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from squeeze.errors import SqueezeError
+from squeeze.model import find_blocks
+
+CALIB_BATCH_SIZE = 8
+
+
+@dataclass
+class BlockInputs:
+    """Per calibration batch: the hidden states and the other positional/keyword arguments of a block call."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    args: list[tuple] = field(default_factory=list)  # positional arguments after the hidden states
+    kwargs: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass at the first block."""
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor, device) -> BlockInputs:
+    """Run the model on ``input_ids`` up to its first block and keep what that block is called with."""
+    captured = BlockInputs()
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.detach().to(device))
+        captured.args.append(_to(tuple(args[1:]), device))
+        captured.kwargs.append(_to(dict(kwargs), device))
+        raise _Captured
+
+    model_device = next(model.parameters()).device
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, len(input_ids), CALIB_BATCH_SIZE):
+            try:
+                model(input_ids[start : start + CALIB_BATCH_SIZE].to(model_device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's output hidden states for every captured batch."""
+    return [_block_output(block(h, *a, **k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+
+
+class _AllObserved(Exception):
+    """Raised once every observed layer has seen its input: the rest of the block need not run."""
+
+
+@torch.no_grad()
+def collect_inputs(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], observe: Callable) -> None:
+    """Run the block on every batch, calling ``observe(name, x)`` with each named layer's input.
+
+    A batch stops as soon as every layer in ``layers`` has been called once:
+    quantizing q/k/v needs only the attention norm, not the rest of the block.
+    """
+    seen: set[str] = set()
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        observe(name, x)
+        seen.add(name)
+        if len(seen) == len(layers):
+            raise _AllObserved
+
+    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: hook(n, a[0])) for n, m in layers.items()]
+    try:
+        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            seen.clear()
+            try:
+                block(h, *a, **k)
+            except _AllObserved:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def block_layers(layers: dict[str, nn.Module], blocks_name: str, n_blocks: int) -> list[dict[str, nn.Module]]:
+    """Split the selected layers by block; layers outside the blocks cannot be calibrated sequentially."""
+    per_block: list[dict[str, nn.Module]] = [{} for _ in range(n_blocks)]
+    outside = []
+    for name, module in layers.items():
+        prefix = blocks_name + "."
+        index = name[len(prefix) :].split(".", 1)[0] if name.startswith(prefix) else ""
+        if not index.isdigit() or int(index) >= n_blocks:
+            outside.append(name)
+            continue
+        per_block[int(index)][name] = module
+    if outside:
+        raise SqueezeError(f"layers outside the transformer blocks cannot be calibrated: {outside[:3]} — "
+                           "exclude them with --ignore (or --targets)")
+    return per_block
+
+
+# (block name prefix such as "model.layers.3.", the block, its selected layers by full name, its inputs) -> records
+ProcessBlock = Callable[[str, nn.Module, dict[str, nn.Module], BlockInputs], dict[str, dict]]
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    calib,
+    process_block: ProcessBlock,
+    device: torch.device | str | None = None,
+    desc: str = "calibrate",
+) -> dict[str, dict]:
+    """Calibrate ``model`` block by block; ``process_block(prefix, block, its layers, inputs)`` returns records.
+
+    ``process_block`` quantizes the block in place (replacing its layers in
+    ``model``); the runner then feeds the quantized block's outputs forward.
+    """
+    if calib is None:
+        raise SqueezeError(f"{desc} needs calibration data (--calib FILE, or --calib self)")
+    found = find_blocks(model)
+    if found is None:
+        raise SqueezeError(f"{desc}: cannot find the transformer blocks of {type(model).__name__}; "
+                           "add its block list to squeeze.model.BLOCK_PATHS")
+    blocks_name, blocks = found
+    per_block = block_layers(layers, blocks_name, len(blocks))
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    inputs = capture_block_inputs(model, blocks[0], calib.input_ids, device)
+    records: dict[str, dict] = {}
+    bar = tqdm(range(len(blocks)), desc=desc, unit="block", leave=False)
+    for index in bar:
+        block = blocks[index].to(device)
+        if per_block[index]:
+            records.update(process_block(f"{blocks_name}.{index}.", block, per_block[index], inputs))
+        inputs.hidden = run_block(block, inputs)
+        block.to(home)
+        bar.set_postfix_str(f"{blocks_name}.{index} done")
+    return records
+
+
+@torch.no_grad()
+def groups_by_shared_input(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module]) -> list[list[str]]:
+    """The block's layers in execution order, grouped by the input tensor they share (q/k/v, gate/up).
+
+    Used for "true sequential" quantization: each group is quantized on inputs
+    that already went through the quantized groups before it.
+    """
+    seen: list[tuple[str, tuple]] = []
+    alive: list[torch.Tensor] = []  # held so that no later input can reuse a freed input's memory address
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        if all(name != n for n, _ in seen):
+            alive.append(x)
+            seen.append((name, (x.data_ptr(), tuple(x.shape), x.stride())))
+
+    one = BlockInputs(inputs.hidden[:1], inputs.args[:1], inputs.kwargs[:1])
+    collect_inputs(block, one, layers, observe)
+    groups: list[list[str]] = []
+    last_key = None
+    for name, key in seen:
+        if groups and key == last_key:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_key = key
+    missing = [n for n in layers if all(n != s for s, _ in seen)]
+    return groups + ([missing] if missing else [])

@@ -1,0 +1,141 @@
+"""GPTQ: the solver against RTN on one layer, the grid protocol, damping, act-order layout, and the real model."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from squeeze import api
+from squeeze.calib import CalibConfig, load_calibration
+from squeeze.grid import IntGrid, quantize_rtn
+from squeeze.model import load_tokenizer
+from squeeze.modules import QuantLinear
+from squeeze.passes.common import rtn_codes
+from squeeze.passes.gptq import GPTQ, install
+from squeeze.passes.gptq_core import HessianAccumulator, gptq_quantize, inverse_hessian_cholesky, output_rel_error
+from squeeze.passes.rtn import RTN
+from squeeze.scheme import QuantScheme, get_scheme
+
+
+def _layer_problem(seed: int = 0):
+    """A 64x128 weight and 4096 correlated inputs whose channel scales span 0.2..3 (as LLM activations do)."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(128, 128, generator=gen) * 0.3 + torch.eye(128)
+    x = torch.randn(4096, 128, generator=gen) @ mix * torch.linspace(0.2, 3.0, 128)
+    w = torch.randn(64, 128, generator=gen) * 0.05
+    acc = HessianAccumulator(128)
+    acc.add(x)
+    return w, x, acc.hessian
+
+
+def _out_err(x, w, q):
+    return float(((x @ (q - w).T) ** 2).sum() / ((x @ w.T) ** 2).sum())
+
+
+@pytest.mark.parametrize("scheme", ["w4g32-asym", "w3g32-asym", "w4g32", "w4"])
+def test_gptq_beats_rtn_on_one_linear(scheme):
+    # Measured: GPTQ ~0.74x and act-order ~0.31-0.43x RTN's output error on these inputs; the bounds leave margin.
+    w, x, h = _layer_problem()
+    grid = IntGrid(get_scheme(scheme))
+    rtn = _out_err(x, w, quantize_rtn(grid, w)[2])
+    plain = gptq_quantize(w, h, grid)
+    ordered = gptq_quantize(w, h, grid, act_order=True)
+    static = gptq_quantize(w, h, grid, act_order=True, static_groups=True)
+    assert _out_err(x, w, plain.values) < 0.85 * rtn
+    assert _out_err(x, w, ordered.values) < 0.5 * rtn
+    assert _out_err(x, w, static.values) < 0.5 * rtn
+    # The record's formula from H equals the error measured on the inputs themselves.
+    assert output_rel_error(w, plain.values, h) == pytest.approx(_out_err(x, w, plain.values), rel=1e-3)
+
+
+def test_int_grid_rtn_matches_primitives():
+    w, _, _ = _layer_problem(1)
+    scheme = get_scheme("w4g32-asym")
+    codes, params, _ = quantize_rtn(IntGrid(scheme), w)
+    scales, zeros = IntGrid(scheme).layer_qparams(params)
+    ref_codes, ref_scales, ref_zeros, _ = rtn_codes(w, scheme)
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales) and torch.equal(zeros, ref_zeros)
+
+
+def test_gptq_values_are_exactly_the_quantlinear_weight():
+    w, _, h = _layer_problem(2)
+    layer = torch.nn.Linear(128, 64, bias=True)
+    layer.weight.data.copy_(w)
+    model = torch.nn.Sequential(layer)
+    config = GPTQ(scheme=get_scheme("w3g32-asym"), act_order=True)
+    result = gptq_quantize(w, h, IntGrid(config.scheme), act_order=True)
+    record = install(model, "0", layer, result, h, config)
+    q = model[0]
+    assert isinstance(q, QuantLinear)
+    assert torch.equal(q.dequantized_weight(), result.values)
+    # act-order without static groups: g_idx is each column's group in original order, not arange // 32
+    assert not torch.equal(q.g_idx, torch.arange(128, dtype=torch.int32) // 32)
+    assert torch.equal(torch.bincount(q.g_idx.long()), torch.full((4,), 32))
+    assert 0 < record["output_rel_mse"] < record["weight_rel_mse"]
+
+
+def test_failed_cholesky_raises_damping_and_says_so(caplog):
+    # diag(1, ..., 1, -0.5): not positive definite until damp * mean(diag) > 0.5, i.e. damp 0.01 -> 0.1 -> 1.0.
+    h = torch.eye(16)
+    h[-1, -1] = -0.5
+    with caplog.at_level(logging.WARNING, logger="squeeze"):
+        upper, damp = inverse_hessian_cholesky(h, 0.01)
+    assert damp == pytest.approx(1.0)
+    assert torch.isfinite(upper).all()
+    assert "Cholesky factorisation failed" in caplog.text
+    w = torch.randn(8, 16)
+    result = gptq_quantize(w, h, IntGrid(QuantScheme(4, True, "group", 16)))
+    assert torch.isfinite(result.values).all() and result.damp == pytest.approx(1.0)
+
+
+def test_dead_inputs_do_not_break_gptq():
+    w, _, h = _layer_problem(3)
+    h[:, 5] = 0
+    h[5, :] = 0
+    result = gptq_quantize(w, h, IntGrid(get_scheme("w4g32")))
+    assert torch.isfinite(result.values).all()
+
+
+def _ppl(model, text, tok):
+    return api.evaluate(model, text, tokenizer=tok, progress=False).ppl
+
+
+def test_gptq_beats_rtn_on_the_bundled_model(stories_dir, short_text):
+    # 16 x 256 calibration tokens keep this quick; measured on the short eval text: RTN +12.4% / +82.7%,
+    # GPTQ +6.8% / +47.9%, act-order +5.7% / +46.5% (w4g32-asym / w3g32-asym). The full grid is bench/quality.py.
+    tok = load_tokenizer(stories_dir)
+    calib = load_calibration(tok, CalibConfig(nsamples=16, seqlen=256))
+    configs = {
+        ("w4g32-asym", "rtn"): RTN(scheme=get_scheme("w4g32-asym")),
+        ("w4g32-asym", "gptq"): GPTQ(scheme=get_scheme("w4g32-asym")),
+        ("w4g32-asym", "act"): GPTQ(scheme=get_scheme("w4g32-asym"), act_order=True),
+        ("w3g32-asym", "rtn"): RTN(scheme=get_scheme("w3g32-asym")),
+        ("w3g32-asym", "act"): GPTQ(scheme=get_scheme("w3g32-asym"), act_order=True),
+    }
+    ppl = {}
+    for key, config in configs.items():
+        model = api.load(stories_dir)
+        api.quantize(model, config, calib)
+        ppl[key] = _ppl(model, short_text, tok)
+    assert ppl["w4g32-asym", "gptq"] < 0.97 * ppl["w4g32-asym", "rtn"], ppl
+    assert ppl["w4g32-asym", "act"] <= ppl["w4g32-asym", "gptq"] * 1.01, ppl
+    assert ppl["w3g32-asym", "act"] < 0.9 * ppl["w3g32-asym", "rtn"], ppl
+
+
+def test_act_order_checkpoint_round_trip(tiny_models, tmp_path, short_text):
+    src = tiny_models["llama"]
+    out = api.quantize_dir(src, tmp_path / "q", GPTQ(scheme=get_scheme("w4g32-asym"), act_order=True),
+                           CalibConfig(nsamples=4, seqlen=64))
+    import json
+
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is True
+    meta = json.loads((out / "squeeze.json").read_text())
+    assert all("output_rel_mse" in r and r["method"] == "gptq" for r in meta["layers"].values())
+    loaded = api.load(out)
+    ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0))
+    model = api.load(src)
+    api.quantize(model, GPTQ(scheme=get_scheme("w4g32-asym"), act_order=True),
+                 load_calibration(load_tokenizer(src), CalibConfig(nsamples=4, seqlen=64)))
+    assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
