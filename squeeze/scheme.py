@@ -61,6 +61,7 @@ class QuantScheme:
     granularity: Granularity = "group"
     group_size: int | None = 128
     activations: ActScheme | None = None
+    gguf: str | None = None  # a GGUF block type whose exact grid (llama.cpp's block fit) calibration uses
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -72,6 +73,9 @@ class QuantScheme:
                 raise SqueezeError(f"group size must be a positive integer, got {self.group_size!r}")
         elif self.group_size is not None:
             raise SqueezeError(f"group size {self.group_size} only applies to granularity 'group', not {self.granularity!r}")
+        if self.gguf is not None and GGUF_SCHEMES.get(self.gguf) != self._int_name():
+            raise SqueezeError(f"GGUF scheme {self.gguf!r} needs the grid {GGUF_SCHEMES.get(self.gguf)}; "
+                               f"known GGUF schemes: {', '.join(GGUF_SCHEMES)}")
 
     @property
     def maxq(self) -> int:
@@ -79,6 +83,9 @@ class QuantScheme:
 
     @property
     def name(self) -> str:
+        return self.gguf or self._int_name()
+
+    def _int_name(self) -> str:
         base = f"w{self.bits}"
         if self.granularity == "group":
             base += f"g{self.group_size}"
@@ -125,12 +132,19 @@ def _build_presets() -> dict[str, QuantScheme]:
 
 
 PRESETS: dict[str, QuantScheme] = _build_presets()
+# GGUF block types whose grid is a preset's: value = d * (q - zero), d in float16, 32 weights per block
+# (Q4_0: zero 8, Q5_0: 16, Q8_0: 128). The GGUF scheme fits d as llama.cpp does (signed max / -8 for Q4_0,
+# a finer step than w4g32's 2*absmax/15); the checkpoint stores it in the GPTQ layout and the GGUF
+# exporter writes the blocks without re-rounding.
+GGUF_SCHEMES: dict[str, str] = {"q4_0": "w4g32", "q5_0": "w5g32", "q8_0": "w8g32"}
 
 
 def get_scheme(name: str) -> QuantScheme:
     """Look up a named preset; unknown names fail with the list of known ones."""
     key = name.strip().lower()
+    if key in GGUF_SCHEMES:
+        return PRESETS[GGUF_SCHEMES[key]].with_(gguf=key)
     if key not in PRESETS:
-        known = ", ".join(sorted(PRESETS))
+        known = ", ".join(sorted(PRESETS) + sorted(GGUF_SCHEMES))
         raise SqueezeError(f"unknown scheme {name!r}; known schemes: {known}")
     return PRESETS[key]

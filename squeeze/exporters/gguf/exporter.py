@@ -1,0 +1,144 @@
+"""``squeeze export --to gguf``: stream a model or squeeze checkpoint into a GGUF file and verify it in llama.cpp.
+
+    squeeze.export("model/", "gguf", "model-q4_k_m.gguf", qtype="q4_k_m")
+
+Metadata and tensor infos are written first (types and byte sizes are known from shapes alone), then each
+tensor is read, converted and written one at a time. The file is written beside the output under a
+temporary name and renamed into place only after verification passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from squeeze.errors import MissingExtraError, SqueezeError
+from squeeze.exporters import Artifact
+from squeeze.exporters.gguf.arch import ArchSpec, Hparams, add_hparams, get_arch, read_hparams
+from squeeze.exporters.gguf.codecs import FORMATS
+from squeeze.exporters.gguf.mixes import Mix, get_mix
+from squeeze.exporters.gguf.plan import (TensorPlan, fallback_notes, matching_mixes, plan_tensors, tensor_bytes,
+                                         type_counts)
+from squeeze.exporters.gguf.source import ModelSource, exact_type
+from squeeze.exporters.gguf.verify import VerifySettings, verify_gguf
+from squeeze.exporters.gguf.vocab import Vocab, add_vocab, read_vocab
+from squeeze.fsutil import atomic_output_file
+
+log = logging.getLogger("squeeze")
+GGML_QUANTIZATION_VERSION = 2
+
+
+@dataclass(frozen=True)
+class GGUFExport:
+    """GGUF export settings: ``qtype`` is a --type name (f16, q4_0, q4_k_m, ...; default: f16 for float
+    models, the checkpoint's exact type for squeeze checkpoints)."""
+
+    qtype: str | None = None
+    verify: bool = True
+    requantize: bool = False
+    verify_settings: VerifySettings = VerifySettings()
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("gguf", "gguf") from None
+
+
+def _hf_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (ValueError, KeyError, OSError) as e:
+        raise SqueezeError(f"cannot read {str(model_dir / 'config.json')!r}: {str(e).splitlines()[0]}") from None
+    return cfg
+
+
+def resolve_mix(qtype: str | None, source: ModelSource) -> Mix:
+    """--type, or for a checkpoint without one the type that stores its grid exactly."""
+    if qtype is not None or source.scheme is None:
+        return get_mix(qtype)
+    grid = exact_type(source.scheme)
+    if grid is None:
+        raise SqueezeError(f"no GGUF type stores the checkpoint's {source.scheme.name} grid exactly; pass --type "
+                           "and --requantize to re-round it (or quantize with a GGUF scheme such as --scheme q4_0)")
+    return get_mix(matching_mixes(grid)[0])
+
+
+def write_gguf(path: Path, spec: ArchSpec, hp: Hparams, mix: Mix, vocab: Vocab, plans: list[TensorPlan],
+               source: ModelSource) -> None:
+    """Stream the file: header, metadata and tensor infos, then each tensor's bytes in plan order."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    writer = GGUFWriter(None, spec.gguf_arch)
+    writer.add_name(hp.name or source.dir.name)
+    writer.add_quantized_by("squeeze")
+    writer.add_file_type(mix.ftype)
+    writer.add_quantization_version(GGML_QUANTIZATION_VERSION)
+    add_hparams(writer, hp)
+    add_vocab(writer, vocab)
+    for p in plans:
+        qtype = GGMLQuantizationType(FORMATS[p.qtype].type_id)
+        writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=qtype)
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in plans:
+            data = tensor_bytes(p, source)
+            if data.nbytes != p.nbytes:  # the plan and the codec disagree: a bug, never a user error
+                raise RuntimeError(f"{p.gguf_name}: {data.nbytes} bytes produced, {p.nbytes} planned")
+            writer.write_tensor_data(data)
+            del data
+    finally:
+        writer.close()
+
+
+def _notes(mix: Mix, plans: list[TensorPlan], source: ModelSource) -> list[str]:
+    counts = ", ".join(f"{t} x{n}" for t, n in sorted(type_counts(plans).items()))
+    notes = [f"gguf --type {mix.name}: {len(plans)} tensors ({counts})"]
+    notes += fallback_notes(plans)
+    exact = [p for p in plans if p.exact]
+    if exact:
+        notes.append(f"{len(exact)} calibrated layer(s) written exactly from the checkpoint's integers "
+                     f"({', '.join(sorted({p.qtype for p in exact}))}, no re-rounding)")
+    requant = [p for p in plans if p.requantized]
+    if requant:
+        notes.append(f"warning: --requantize re-rounded {len(requant)} calibrated layer(s) of the "
+                     f"{source.scheme.name} checkpoint onto {', '.join(sorted({p.qtype for p in requant}))}; "
+                     "their calibration is lost")
+    deq = [p for p in plans if source.quant_layer(p.hf_name) is not None and FORMATS[p.qtype].is_float]
+    if deq:
+        types = ", ".join(sorted({p.qtype for p in deq}))
+        notes.append(f"{len(deq)} checkpoint layer(s) written dequantized as {types}")
+    return notes
+
+
+def export_gguf(src: Path, out: Path, config: GGUFExport, overwrite: bool = False) -> Artifact:
+    from squeeze.model import validate_model_dir
+
+    _require_gguf()
+    model_dir = validate_model_dir(src)
+    cfg = _hf_config(model_dir)
+    spec = get_arch(getattr(cfg, "model_type", None))
+    hp = read_hparams(cfg)
+    source = ModelSource(model_dir)
+    mix = resolve_mix(config.qtype, source)
+    plans = plan_tensors(source, spec, hp, mix, config.requantize)
+    vocab = read_vocab(model_dir, hp.vocab_size, spec.bpe_pre)
+    notes = _notes(mix, plans, source)
+    for note in notes:
+        if note.startswith("warning:"):
+            log.warning(note)
+    verification = None
+    with atomic_output_file(out, overwrite) as tmp:
+        write_gguf(tmp, spec, hp, mix, vocab, plans, source)
+        if config.verify:
+            verification = verify_gguf(tmp, model_dir, plans, source, config.verify_settings)
+    return Artifact(path=out, format="gguf", type=mix.name, size_bytes=out.stat().st_size,
+                    verification=verification, notes=notes)

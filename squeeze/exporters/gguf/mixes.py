@@ -1,0 +1,130 @@
+"""`--type` names -> per-tensor ggml types, following llama.cpp's mixes.
+
+The rules are those of llama.cpp's ``llama_tensor_get_type`` (src/llama-quant.cpp, 2025 master) for a
+dense (non-MoE, non-Falcon, non-70B) model without an importance matrix:
+
+* 1-D tensors (norms, biases) stay F32; float mixes write every 2-D weight in their float type.
+* The output matrix (or, with tied embeddings, token_embd, which llama.cpp then treats as the output)
+  becomes Q6_K (Q8_0 for q8_0 and when its rows do not split into blocks of the default type).
+* _S/_M/_L mixes raise attn_v / ffn_down / attn_output in some layers (`_bump`).
+* Rows that do not split into blocks fall back: Q2_K/Q3_K -> Q4_0 (llama.cpp master; older releases
+  chose IQ4_NL, which squeeze does not write), Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and F16 when
+  even that does not fit (llama.cpp refuses legacy types there; squeeze writes F16 and says so).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from squeeze.errors import SqueezeError
+from squeeze.exporters.gguf.codecs import FORMATS
+
+
+@dataclass(frozen=True)
+class Mix:
+    """One ``--type``: llama.cpp file type id and the ggml type most weights get."""
+
+    name: str
+    ftype: int  # enum llama_ftype (general.file_type)
+    default: str  # ggml type name
+
+
+MIXES: dict[str, Mix] = {m.name: m for m in (
+    Mix("f32", 0, "F32"),
+    Mix("f16", 1, "F16"),
+    Mix("bf16", 32, "BF16"),
+    Mix("q8_0", 7, "Q8_0"),
+    Mix("q4_0", 2, "Q4_0"),
+    Mix("q4_1", 3, "Q4_1"),
+    Mix("q5_0", 8, "Q5_0"),
+    Mix("q5_1", 9, "Q5_1"),
+    Mix("q2_k", 10, "Q2_K"),
+    Mix("q3_k_s", 11, "Q3_K"),
+    Mix("q3_k_m", 12, "Q3_K"),
+    Mix("q3_k_l", 13, "Q3_K"),
+    Mix("q4_k_s", 14, "Q4_K"),
+    Mix("q4_k_m", 15, "Q4_K"),
+    Mix("q5_k_s", 16, "Q5_K"),
+    Mix("q5_k_m", 17, "Q5_K"),
+    Mix("q6_k", 18, "Q6_K"),
+)}
+
+FALLBACKS: dict[str, str] = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+CATEGORIES = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def get_mix(name: str | None) -> Mix:
+    key = (name or "f16").strip().lower()
+    if key not in MIXES:
+        raise SqueezeError(f"unknown GGUF --type {name!r}; choose from {', '.join(MIXES)}")
+    return MIXES[key]
+
+
+def category(gguf_name: str) -> str:
+    """llama.cpp's tensor category of a GGUF tensor name ("other" for the rest)."""
+    base = gguf_name.rsplit(".", 1)[0].split(".")[-1]
+    return base if base in CATEGORIES else "other"
+
+
+def use_more_bits(i_layer: int, n_layer: int) -> bool:
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+def _bump(mix: str, cat: str, i: int, n: int, n_gqa: int) -> str | None:
+    """The raised type of attn_v / ffn_down / attn_output in the K mixes, None to keep the default."""
+    if cat == "attn_v":
+        rules = {
+            "q2_k": "Q4_K" if n_gqa >= 4 else "Q3_K",
+            "q3_k_m": "Q5_K" if i < 2 else "Q4_K",
+            "q3_k_l": "Q5_K",
+            "q4_k_m": "Q6_K" if use_more_bits(i, n) else None,
+            "q5_k_m": "Q6_K" if use_more_bits(i, n) else None,
+            "q4_k_s": "Q5_K" if i < 4 else None,
+        }
+        return rules.get(mix)
+    if cat == "ffn_down":
+        rules = {
+            "q2_k": "Q3_K",
+            "q3_k_m": "Q5_K" if i < n // 16 else "Q4_K",
+            "q3_k_l": "Q5_K",
+            "q4_k_m": "Q6_K" if use_more_bits(i, n) else None,
+            "q5_k_m": "Q6_K" if use_more_bits(i, n) else None,
+            "q4_k_s": "Q5_K" if i < n // 8 else None,
+        }
+        return rules.get(mix)
+    if cat == "attn_output":
+        return {"q2_k": "Q3_K", "q3_k_m": "Q4_K", "q3_k_l": "Q5_K"}.get(mix)
+    return None
+
+
+def fits(qtype: str, cols: int) -> bool:
+    return cols % FORMATS[qtype].block_size == 0
+
+
+def fallback(qtype: str, cols: int) -> str:
+    """A type whose blocks fit rows of ``cols`` (``qtype`` itself when it fits)."""
+    if fits(qtype, cols):
+        return qtype
+    alt = FALLBACKS.get(qtype)
+    return alt if alt is not None and fits(alt, cols) else "F16"
+
+
+def choose_type(mix: Mix, gguf_name: str, shape: tuple[int, ...], layer: int, n_layer: int,
+                n_gqa: int, tied: bool) -> tuple[str, str]:
+    """(chosen ggml type, the type the mix asked for before any shape fallback) for one tensor."""
+    if len(shape) < 2 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return "F32", "F32"
+    if FORMATS[mix.default].is_float:
+        return mix.default, mix.default
+    cat = category(gguf_name)
+    cols = shape[-1]
+    wanted = mix.default
+    if cat == "output" or (tied and cat == "token_embd"):
+        if not fits(mix.default, cols):
+            wanted = "Q8_0"
+        elif mix.default != "Q8_0":
+            wanted = "Q6_K"
+    elif cat != "token_embd":
+        wanted = _bump(mix.name, cat, layer, n_layer, n_gqa) or mix.default
+    return fallback(wanted, cols), wanted

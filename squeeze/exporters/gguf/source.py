@@ -1,0 +1,140 @@
+"""Lazy tensor access to a model directory: float HF weights or a squeeze (GPTQ-layout) checkpoint.
+
+Shapes come from the safetensors headers; a tensor's data is read only when asked for, one at a time,
+so the exporter never holds the whole model. A quantized layer is exposed as its integer codes and
+scales (`QuantLayer`), from which `exact_blocks` builds GGUF blocks without re-rounding.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from squeeze.errors import SqueezeError
+from squeeze.exporters.gguf.codecs import QuantizedBlocks, get_format
+from squeeze.scheme import QuantScheme
+
+# A checkpoint grid -> the GGUF type whose blocks hold it exactly: (bits, symmetric) at group size 32.
+EXACT_TYPES: dict[tuple[int, bool], str] = {(4, True): "Q4_0", (5, True): "Q5_0", (8, True): "Q8_0",
+                                            (4, False): "Q4_1", (5, False): "Q5_1"}
+
+
+@dataclass(frozen=True)
+class QuantLayer:
+    """A checkpoint layer as integers: weight[r, c] = scales[r, g_idx[c]] * (codes[r, c] - zeros[r, g_idx[c]])."""
+
+    codes: np.ndarray  # uint8 [out, in]
+    scales: np.ndarray  # float32 [out, n_groups] (fp16-representable)
+    zeros: np.ndarray  # float32 [out, n_groups]
+    g_idx: np.ndarray  # int32 [in]
+    scheme: QuantScheme
+
+    def dequantize(self) -> np.ndarray:
+        s, z = self.scales[:, self.g_idx], self.zeros[:, self.g_idx]
+        return (self.codes.astype(np.float32) - z) * s
+
+
+def exact_type(scheme: QuantScheme) -> str | None:
+    """The GGUF type that stores ``scheme``'s grid exactly (codes and scales as they are), if any."""
+    if scheme.granularity != "group" or scheme.group_size != 32:
+        return None
+    return EXACT_TYPES.get((scheme.bits, scheme.symmetric))
+
+
+def contiguous_groups(g_idx: np.ndarray, group_size: int) -> bool:
+    return bool(np.array_equal(g_idx, np.arange(len(g_idx)) // group_size))
+
+
+def exact_blocks(layer: QuantLayer, qtype: str) -> QuantizedBlocks:
+    """GGUF blocks holding ``layer``'s codes and scales unchanged (Q4_1/Q5_1: min = -scale*zero in fp16)."""
+    fmt = get_format(qtype)
+    out, cols = layer.codes.shape
+    nb = cols // fmt.block_size
+    d = layer.scales.astype(np.float16)
+    if not np.array_equal(d.astype(np.float32), layer.scales):
+        raise SqueezeError("checkpoint scales are not float16 values; they cannot be stored in GGUF blocks exactly")
+    codes = layer.codes.reshape(out, nb, fmt.block_size)
+    if fmt.has_min:
+        m = (-layer.scales * layer.zeros).astype(np.float16)
+        return QuantizedBlocks(qtype, codes, d, dmin=m)
+    if not np.all(layer.zeros == fmt.zero):
+        raise SqueezeError(f"checkpoint zero points are not {fmt.zero}; the grid is not {qtype}'s")
+    return QuantizedBlocks(qtype, codes, d)
+
+
+class ModelSource:
+    """Tensors of a model directory by HF name, read lazily from its safetensors files."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+
+        self.dir = model_dir
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise SqueezeError(f"{str(model_dir)!r} has no .safetensors weights; GGUF export reads safetensors "
+                               "(re-save the model with save_pretrained(safe_serialization=True))")
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where: dict[str, object] = {}
+        for h in self._handles:
+            for k in h.keys():
+                self._where[k] = h
+        config = json.loads((model_dir / "config.json").read_text())
+        self.quantization_config = config.get("quantization_config")
+        self.scheme: QuantScheme | None = None
+        self.layer_schemes: dict[str, QuantScheme] = {}
+        if self.quantization_config is not None:
+            from squeeze.checkpoint import gptq as ckpt
+
+            self.scheme = ckpt.scheme_from_quantization_config(self.quantization_config)
+            meta = ckpt.read_metadata(model_dir) or {}
+            self.layer_schemes = {n: QuantScheme.from_dict(r["scheme_dict"])
+                                  for n, r in meta.get("layers", {}).items() if "scheme_dict" in r}
+        self.quantized = {k[: -len(".qweight")] for k in self._where if k.endswith(".qweight")}
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._where[key].get_slice(key).get_shape())
+
+    def weights(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(HF name, [rows, cols] or [n]) of every weight, quantized layers under ``<layer>.weight``."""
+        out = []
+        for key in self._where:
+            prefix = key.rsplit(".", 1)[0]
+            if prefix in self.quantized:
+                if key.endswith(".qweight"):
+                    rows, cols = self._shape(prefix + ".scales")[1], self._shape(prefix + ".g_idx")[0]
+                    out.append((prefix + ".weight", (rows, cols)))
+                elif key.endswith(".bias"):
+                    out.append((key, self._shape(key)))
+                continue
+            out.append((key, self._shape(key)))
+        return out
+
+    def _get(self, key: str) -> torch.Tensor:
+        return self._where[key].get_tensor(key)
+
+    def quant_layer(self, hf_name: str) -> QuantLayer | None:
+        """The integers of a quantized layer (by its ``.weight`` name); None for a float tensor."""
+        prefix = hf_name[: -len(".weight")] if hf_name.endswith(".weight") else None
+        if prefix not in self.quantized:
+            return None
+        from squeeze.primitives import unpack_rows
+
+        scheme = self.layer_schemes.get(prefix, self.scheme)
+        bits = scheme.bits
+        g_idx = self._get(prefix + ".g_idx").to(torch.int32)
+        scales = self._get(prefix + ".scales").float().t().contiguous()
+        codes = unpack_rows(self._get(prefix + ".qweight"), bits, g_idx.numel()).t().contiguous()
+        stored = unpack_rows(self._get(prefix + ".qzeros").t(), bits, scales.shape[0]).to(torch.int64)
+        zeros = ((stored + 1) & ((1 << bits) - 1)).float()
+        return QuantLayer(codes.to(torch.uint8).numpy(), scales.numpy(), zeros.numpy(), g_idx.numpy(), scheme)
+
+    def float_tensor(self, hf_name: str) -> np.ndarray:
+        """float32 values of a tensor; a quantized layer is dequantized."""
+        layer = self.quant_layer(hf_name)
+        if layer is not None:
+            return layer.dequantize()
+        return self._get(hf_name).float().numpy()
