@@ -166,9 +166,25 @@ TOKENIZER_FILES = (
 )
 
 
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def auto_class_for(config):
+    """AutoModelForCausalLM for decoders, else AutoModel. A config whose ``architectures`` names no
+    causal-LM head (all-MiniLM's ["BertModel"]) is an encoder even if its type has an LM-head class."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        return AutoModel
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in archs):
+        return AutoModel
+    return AutoModelForCausalLM
+
+
 def load_pretrained(path: Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a float Hugging Face model directory (causal LM, else a base model)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -179,7 +195,7 @@ def load_pretrained(path: Path, dtype: torch.dtype | None = None) -> nn.Module:
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    auto = AutoModelForCausalLM if type(config) in AutoModelForCausalLM._model_mapping else AutoModel
+    auto = auto_class_for(config)
     try:
         model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:

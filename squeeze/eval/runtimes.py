@@ -67,9 +67,10 @@ RUNTIMES: dict[str, tuple[str, str]] = {
     "torch": ("squeeze.eval.runtimes", "TorchRuntime"),
     "llama.cpp": ("squeeze.eval.llamacpp", "LlamaCppRuntime"),
     "onnxruntime": ("squeeze.eval.onnxruntime", "OrtRuntime"),
+    "tensorrt": ("squeeze.eval.tensorrt", "TensorRTRuntime"),
 }
 # file suffix -> runtime name (directories run in torch)
-SUFFIX_RUNTIMES: dict[str, str] = {".gguf": "llama.cpp", ".onnx": "onnxruntime"}
+SUFFIX_RUNTIMES: dict[str, str] = {".gguf": "llama.cpp", ".onnx": "onnxruntime", ".plan": "tensorrt", ".engine": "tensorrt"}
 
 
 def runtime_for(path: Path) -> str:

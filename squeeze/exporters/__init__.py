@@ -16,6 +16,8 @@ from squeeze.errors import SqueezeError
 # format name -> (module, function, config class name in that module)
 EXPORTERS: dict[str, tuple[str, str, str]] = {
     "gguf": ("squeeze.exporters.gguf.exporter", "export_gguf", "GGUFExport"),
+    "onnx": ("squeeze.exporters.onnx.exporter", "export_onnx", "ONNXExport"),
+    "tensorrt": ("squeeze.exporters.tensorrt", "export_tensorrt", "TensorRTExport"),
 }
 
 

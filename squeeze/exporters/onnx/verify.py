@@ -1,0 +1,97 @@
+"""Verification at export: onnxruntime runs the file on a few inputs; torch runs the same weights.
+
+A float32 graph of float weights must match torch to a max relative difference (max |ort - torch|
+over max |torch|) below `FP32_MAX_REL_DIFF`. A quantized or float16 graph is compared with squeeze's
+torch model of the same (quantized) weights: KLD / top-1 agreement for logits, cosine for other
+outputs; it fails when clearly broken (below `MIN_TOP1` / `MIN_COSINE`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from squeeze.errors import VerificationError
+
+FP32_MAX_REL_DIFF = 1e-4
+# Against its own torch reference a correct quantized graph agrees almost everywhere (measured ~1.0);
+# below these it is broken (wrong packing, wrong scales), not merely quantized.
+MIN_TOP1 = 0.9
+MIN_COSINE = 0.9
+# Verification input shapes: (batch, sequence), two shapes so the dynamic axes are exercised.
+VERIFY_SHAPES = ((2, 32), (1, 7))
+
+
+def max_rel_diff(test: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((test.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30))
+
+
+def logits_stats(test: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Mean KL(ref || test) per token and top-1 agreement, over [..., vocab] logits."""
+    t, r = test.float().reshape(-1, test.shape[-1]), ref.float().reshape(-1, ref.shape[-1])
+    ref_logp, test_logp = F.log_softmax(r, -1), F.log_softmax(t, -1)
+    kld = (ref_logp.exp() * (ref_logp - test_logp)).sum(-1).mean()
+    top1 = (t.argmax(-1) == r.argmax(-1)).float().mean()
+    return {"kld": float(kld), "top1_agreement": float(top1)}
+
+
+def mean_cosine(test: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean cosine similarity of the last-axis vectors."""
+    t, r = test.float().reshape(-1, test.shape[-1]), ref.float().reshape(-1, ref.shape[-1])
+    return float(F.cosine_similarity(t, r, dim=-1).mean())
+
+
+def token_inputs(vocab_size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Seeded random (input_ids, attention_mask) pairs; the second has two padded positions."""
+    gen = torch.Generator().manual_seed(seed)
+    pairs = []
+    for batch, seq in VERIFY_SHAPES:
+        ids = torch.randint(0, vocab_size, (batch, seq), generator=gen)
+        pairs.append((ids, torch.ones_like(ids)))
+    return pairs
+
+
+def compare(outputs: list[tuple[torch.Tensor, torch.Tensor]], exact: bool, logits: bool) -> dict:
+    """Verification record for (onnxruntime, torch) output pairs; raises VerificationError when broken."""
+    test = torch.cat([t.reshape(-1, t.shape[-1]) for t, _ in outputs])
+    ref = torch.cat([r.reshape(-1, r.shape[-1]) for _, r in outputs])
+    if not torch.isfinite(test).all():
+        raise VerificationError("onnxruntime produced non-finite outputs")
+    record: dict = {"runtime": "onnxruntime", "max_rel_diff": max_rel_diff(test, ref), "cosine": mean_cosine(test, ref)}
+    if logits:
+        record.update(logits_stats(test, ref))
+    if exact:
+        if record["max_rel_diff"] >= FP32_MAX_REL_DIFF:
+            raise VerificationError(f"float32 graph differs from torch: max relative difference "
+                                    f"{record['max_rel_diff']:.3g} >= {FP32_MAX_REL_DIFF:g}")
+    elif logits and record["top1_agreement"] < MIN_TOP1:
+        raise VerificationError(f"top-1 agreement with torch on the same weights is {record['top1_agreement']:.3f} "
+                                f"< {MIN_TOP1}; the graph is broken")
+    elif record["cosine"] < MIN_COSINE:
+        raise VerificationError(f"output cosine with torch on the same weights is {record['cosine']:.3f} "
+                                f"< {MIN_COSINE}; the graph is broken")
+    return record
+
+
+@torch.no_grad()
+def verify_tokens(runtime, reference: torch.nn.Module, kind: str, vocab_size: int, exact: bool) -> dict:
+    """Run a causal LM / encoder graph and its torch reference on `token_inputs`."""
+    pairs = []
+    for ids, mask in token_inputs(vocab_size):
+        name = "logits" if kind == "causal-lm" else "last_hidden_state"
+        ort_out = torch.from_numpy(np.asarray(runtime.run(runtime.token_feeds(ids, mask))[name], dtype=np.float32))
+        out = reference(input_ids=ids, attention_mask=mask)
+        pairs.append((ort_out, (out.logits if kind == "causal-lm" else out.last_hidden_state).float()))
+    return compare(pairs, exact, logits=kind == "causal-lm")
+
+
+@torch.no_grad()
+def verify_module(runtime, reference: torch.nn.Module, example_inputs: tuple, graph_inputs: tuple, exact: bool) -> dict:
+    """Run a plain module's graph on ``graph_inputs`` and the module on ``example_inputs`` (the same, in its dtype)."""
+    feeds = {name: t.detach().cpu().numpy() for name, t in zip(runtime.input_names, graph_inputs)}
+    ort_outs = list(runtime.run(feeds).values())
+    ref = reference(*example_inputs)
+    refs = list(ref) if isinstance(ref, (tuple, list)) else [ref]
+    pairs = [(torch.from_numpy(np.asarray(o, dtype=np.float32)), r.float()) for o, r in zip(ort_outs, refs)]
+    return compare(pairs, exact, logits=False)

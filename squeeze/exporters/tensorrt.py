@@ -1,0 +1,186 @@
+"""`squeeze export --to tensorrt`: a serialized TensorRT engine built from squeeze's ONNX graph.
+
+fp16: the float graph built with the FP16 flag. int8: a W8A8 checkpoint's explicit QDQ graph
+(activations written as int8 with zero point 0, the only Q/DQ form TensorRT takes). One optimisation
+profile covers every dynamic axis (batch, sequence, past/total sequence). Needs an NVIDIA GPU and the
+tensorrt package; without either the export stops before any work with one line saying which.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from squeeze.errors import SqueezeError, VerificationError
+from squeeze.exporters import Artifact
+
+# --type -> (ONNX float type the graph is traced in, TensorRT builder flags)
+TRT_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fp16": ("fp32", ("FP16",)),
+    "int8": ("fp32", ("FP16", "INT8")),
+}
+ENGINE_SUFFIXES = (".plan", ".engine")
+
+
+def nvidia_gpu_count() -> int:
+    """CUDA devices the driver reports (0 without a driver or device); no CUDA toolkit needed."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def require_tensorrt():
+    """The tensorrt module, or one SqueezeError line saying what is missing (GPU, package, or both)."""
+    try:
+        import tensorrt
+    except ImportError:
+        tensorrt = None
+    gpu = nvidia_gpu_count() > 0
+    if tensorrt is not None and gpu:
+        return tensorrt
+    missing = []
+    if not gpu:
+        missing.append("no NVIDIA GPU was found (TensorRT builds and runs engines only on NVIDIA GPUs)")
+    if tensorrt is None:
+        missing.append("tensorrt is not installed (pip install 'squeeze[tensorrt]' on an NVIDIA GPU machine)")
+    raise SqueezeError("TensorRT export/run is unavailable here: " + "; ".join(missing))
+
+
+@dataclass(frozen=True)
+class TensorRTExport:
+    """Engine precision, verification, KV-cache graph, and the optimisation profile's shape ranges."""
+
+    qtype: str = "fp16"
+    verify: bool = True
+    kv_cache: bool = False
+    max_batch: int = 8
+    opt_batch: int = 1
+    max_sequence: int = 2048
+    opt_sequence: int = 256
+    workspace_gib: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.qtype == "int4":
+            raise SqueezeError("int4 TensorRT engines are not supported yet (TensorRT reads int4 as blocked "
+                               "DequantizeLinear, not MatMulNBits); use --to onnx for int4, or --type fp16/int8")
+        if self.qtype not in TRT_TYPES:
+            raise SqueezeError(f"unknown TensorRT --type {self.qtype!r}; choose from {', '.join(TRT_TYPES)}")
+        if not (1 <= self.opt_batch <= self.max_batch and 1 <= self.opt_sequence <= self.max_sequence):
+            raise SqueezeError("TensorRT profile needs 1 <= opt_batch <= max_batch and "
+                               "1 <= opt_sequence <= max_sequence")
+
+
+def dim_ranges(config: TensorRTExport, max_context: int | None) -> dict[str, tuple[int, int, int]]:
+    """Named dynamic axis -> (min, opt, max) for the optimisation profile."""
+    seq_max = min(config.max_sequence, max_context or config.max_sequence)
+    seq_opt = min(config.opt_sequence, seq_max)
+    return {
+        "batch": (1, config.opt_batch, config.max_batch),
+        "sequence": (1, seq_opt, seq_max),
+        "total_sequence": (1, seq_opt, seq_max),
+        "past_sequence": (0, seq_opt - 1 if seq_opt > 1 else 0, seq_max - 1),
+    }
+
+
+def input_profiles(onnx_path: Path, ranges: dict[str, tuple[int, int, int]]) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """Input name -> (min, opt, max) shapes from the ONNX graph's named dims."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    profiles = {}
+    for inp in graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        shapes = []
+        for which in range(3):
+            shape = []
+            for d in dims:
+                if d.dim_param:
+                    if d.dim_param not in ranges:
+                        raise SqueezeError(f"input {inp.name!r} has dynamic axis {d.dim_param!r} with no profile range")
+                    shape.append(ranges[d.dim_param][which])
+                else:
+                    shape.append(d.dim_value)
+            shapes.append(tuple(shape))
+        profiles[inp.name] = tuple(shapes)
+    return profiles
+
+
+def build_engine(onnx_path: Path, profiles: dict, flags: tuple[str, ...], workspace_gib: float) -> bytes:
+    """Parse the ONNX file and build a serialized engine with one optimisation profile."""
+    trt = require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise SqueezeError(f"TensorRT cannot parse the ONNX graph: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    for flag in flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profiles.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise SqueezeError("TensorRT failed to build the engine (see the TensorRT log above)")
+    return bytes(serialized)
+
+
+def export_tensorrt(src: Path, out: Path, config: TensorRTExport, overwrite: bool = False) -> Artifact:
+    """Export ``src`` to ONNX (temporary), build the engine, verify it against the ONNX graph's torch model."""
+    from squeeze.exporters.onnx.exporter import ONNXExport, export_onnx
+    from squeeze.fsutil import atomic_output_file
+
+    if out.suffix.lower() not in ENGINE_SUFFIXES:
+        raise SqueezeError(f"TensorRT output must end in {' or '.join(ENGINE_SUFFIXES)}, got {str(out)!r}")
+    require_tensorrt()  # before any work
+    onnx_type, flags = TRT_TYPES[config.qtype]
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.onnx-", dir=out.parent) as tmp:
+        onnx_art = export_onnx(src, Path(tmp) / "model.onnx",
+                               ONNXExport(qtype=onnx_type, verify=False, kv_cache=config.kv_cache, act_encoding="int8"))
+        if config.qtype == "int8" and "qdq" not in onnx_art.type:
+            raise SqueezeError("--type int8 needs a W8A8 checkpoint (squeeze quantize --scheme w8a8); "
+                               f"{str(src)!r} is {onnx_art.type}")
+        from squeeze.eval.onnxruntime import OrtRuntime
+
+        max_context = OrtRuntime.from_path(onnx_art.path).max_context
+        engine = build_engine(onnx_art.path, input_profiles(onnx_art.path, dim_ranges(config, max_context)), flags,
+                              config.workspace_gib)
+    with atomic_output_file(out, overwrite) as tmp_engine:
+        tmp_engine.write_bytes(engine)
+        record = verify_engine(tmp_engine, src) if config.verify else None
+    return Artifact(out, "tensorrt", f"{onnx_art.type}-{config.qtype}", len(engine), record, onnx_art.notes)
+
+
+def verify_engine(engine_path: Path, src: Path) -> dict:
+    """Run the engine and squeeze's torch model of the same weights on seeded tokens: KLD / top-1."""
+    import torch
+
+    from squeeze.api import load
+    from squeeze.eval.tensorrt import TensorRTRuntime
+    from squeeze.exporters.onnx.verify import compare, token_inputs
+
+    runtime = TensorRTRuntime.from_path(engine_path)
+    reference = load(src, "float32").eval()
+    pairs = []
+    with torch.no_grad():
+        for ids, _ in token_inputs(runtime.vocab_size or int(reference.config.vocab_size)):
+            pairs.append((runtime.logits(ids), reference(input_ids=ids).logits.float()))
+    try:
+        record = compare(pairs, exact=False, logits=True)
+    except VerificationError as e:
+        raise VerificationError(f"TensorRT engine: {e}") from None
+    record["runtime"] = "tensorrt"
+    return record
