@@ -134,12 +134,14 @@ def measure_cell(artifact: Path, config: BenchConfig, runtime: str) -> dict:
 
 
 def run_bench(config: BenchConfig, cache: Path, progress: bool = True) -> list[dict]:
-    """All rows of the grid: the float model, then every method x format cell."""
+    """All rows of the grid: the float model (method "float" in the config exports it to every format,
+    else it is measured in torch only), then every method x format cell."""
     from squeeze.model import directory_hash, validate_model_dir
 
     model_hash = directory_hash(validate_model_dir(config.model))
-    cells = [({"method": "float"}, {"format": "torch"})]
-    cells += [(m, f) for m in config.methods for f in config.formats]
+    cells = [(m, f) for m in config.methods for f in config.formats]
+    if not any(m["method"] == "float" for m in config.methods):  # the float model is always the first row
+        cells.insert(0, ({"method": "float"}, {"format": "torch"}))
     inputs = [model_hash, _file_digest(config.data), _file_digest(config.task), config.ctx, config.latency, __version__]
     rows = []
     for method, fmt in tqdm(cells, desc="bench", unit="cell", disable=not progress):

@@ -24,7 +24,11 @@ from squeeze.scheme import QuantScheme
 
 
 class WeightGrid(Protocol):
-    """A bit format as seen by a calibrated quantizer."""
+    """A bit format as seen by a calibrated quantizer.
+
+    A grid whose ``fit`` already rounds (a GGUF block quantizer) may also define
+    ``fitted(params) -> (codes, values)``; RTN then keeps exactly those codes.
+    """
 
     def block_size(self, in_features: int) -> int:
         """Columns whose parameters are fitted together (a group, or a super-block)."""
@@ -94,6 +98,8 @@ def quantize_rtn(grid: WeightGrid, w: torch.Tensor) -> tuple[torch.Tensor, list,
     for start in range(0, w.shape[1], size):
         block = w[:, start : start + size]
         p = grid.fit(block)
-        codes[:, start : start + size], values[:, start : start + size] = grid.nearest(block, p, 0)
+        # A grid whose fit already rounds (a GGUF block quantizer) keeps its own codes, ties included.
+        fitted = getattr(grid, "fitted", None)
+        codes[:, start : start + size], values[:, start : start + size] = fitted(p) if fitted else grid.nearest(block, p, 0)
         params.append(p)
     return codes, params, values

@@ -7,15 +7,22 @@ from torch import nn
 
 from squeeze.model import linear_weight, set_submodule
 from squeeze.modules import QuantLinear
-from squeeze.primitives import compute_qparams, dequantize, group_index, quantize
+from squeeze.grid import grid_for, quantize_rtn
+from squeeze.primitives import dequantize, group_index
 from squeeze.scheme import QuantScheme
 
 
 def rtn_codes(weight: torch.Tensor, scheme: QuantScheme):
-    """Round-to-nearest codes, scales, zeros and g_idx for a [out, in] weight."""
-    scale, zero = compute_qparams(weight, scheme)
-    g_idx = group_index(weight.shape[1], scheme.group_size_for(weight.shape[1]), weight.device)
-    return quantize(weight, scale, zero, scheme.bits, g_idx), scale, zero, g_idx
+    """Round-to-nearest codes, scales, zeros and g_idx for a [out, in] weight, on the scheme's grid.
+
+    The grid is ``grid_for(scheme)``, as GPTQ and AWQ use: a GGUF-named scheme (q4_0, ...) fits its
+    blocks as llama.cpp does.
+    """
+    grid = grid_for(scheme)
+    codes, params, _ = quantize_rtn(grid, weight)
+    scales, zeros = grid.layer_qparams(params)
+    g_idx = group_index(weight.shape[1], grid.block_size(weight.shape[1]), weight.device)
+    return codes, scales, zeros, g_idx
 
 
 def replace_with_quant_linear(

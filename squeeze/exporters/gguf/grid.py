@@ -69,6 +69,14 @@ class GGUFGrid:
         q = torch.where(step == 0, fitted, q)  # a zero-scale group keeps the quantizer's own codes
         return q.to(torch.uint8), step * (q - fmt.zero) + bias
 
+    def fitted(self, params: BlockParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes llama.cpp's own quantizer chose when fitting (RTN), and their values."""
+        fmt = get_format(self.qtype)
+        q = torch.from_numpy(params.blocks.codes[:, 0].astype(np.float32)).to(params.step.device)
+        groups = torch.arange(q.shape[1], device=q.device) // fmt.group_size
+        bias = params.bias[:, groups] if params.bias is not None else 0.0
+        return q.to(torch.uint8), params.step[:, groups] * (q - fmt.zero) + bias
+
     def layer_qparams(self, params: list[BlockParams]) -> tuple[torch.Tensor, torch.Tensor]:
         """QuantLinear's scales/zeros [rows, n_blocks]: exact for the symmetric legacy types (d, fixed zero)."""
         fmt = get_format(self.qtype)
