@@ -13,9 +13,7 @@ re-rounding, against llama.cpp's own q4_0 / q4_k_m.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
 from squeeze import api  # noqa: E402
+from squeeze.eval.llamacpp import quiet_stderr  # noqa: E402
 from squeeze.exporters.gguf.mixes import MIXES  # noqa: E402
 from squeeze.resources import DEFAULT_MODEL, default_eval_text  # noqa: E402
 
@@ -36,18 +35,6 @@ CALIBRATED = (("gptq q4_0", "q4_0", "q4_0", False, "q4_0"), ("gptq q4_k_m", "q5_
 GPTQ_IGNORE = ("mlp.down_proj",)
 
 
-@contextlib.contextmanager
-def quiet_fd2():
-    fd = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(fd, 2)
-            os.close(fd)
-
-
 def llama_quantize(src: Path, out: Path, qtype: str) -> Path:
     """llama.cpp's own quantization of ``src`` (llama_model_quantize, no imatrix)."""
     import llama_cpp
@@ -55,7 +42,7 @@ def llama_quantize(src: Path, out: Path, qtype: str) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = MIXES[qtype].ftype
     params.nthread = 1
-    with quiet_fd2():
+    with quiet_stderr():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({qtype}) failed with {rc}")

@@ -38,7 +38,7 @@ def gguf_metadata(path: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """llama.cpp prints load logs from C to fd 2 even with verbose=False; silence them."""
     try:
         fd = os.dup(2)
@@ -87,7 +87,7 @@ class LlamaCppRuntime:
             return self._llm
         llama_cpp = _import_llama_cpp()
         self._llm = None
-        with _quiet_stderr():
+        with quiet_stderr():
             try:
                 self._llm = llama_cpp.Llama(
                     str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,

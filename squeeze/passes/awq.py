@@ -20,10 +20,9 @@ from torch import nn
 from squeeze.errors import SqueezeError
 from squeeze.grid import WeightGrid, grid_for, quantize_rtn
 from squeeze.model import linear_weight, select_linears
-from squeeze.passes.common import replace_with_quant_linear
+from squeeze.passes.common import install_rounded
 from squeeze.passes.gptq_core import HessianAccumulator, output_rel_error
 from squeeze.passes.scaling import fold_scales, mappings_for, relative_names, resolve
-from squeeze.primitives import group_index
 from squeeze.registry import register_pass
 from squeeze.runner import BlockInputs, collect_inputs, run_sequential
 from squeeze.scheme import QuantScheme, get_scheme
@@ -157,10 +156,7 @@ def _process_block(model: nn.Module, config: AWQ, mappings):
             target = w
             if config.clip and not name.endswith(NO_CLIP_SUFFIXES):
                 target = search_clip(w, hessian[name], grid, config.max_shrink, config.n_grid)
-            codes, params, values = quantize_rtn(grid, target)
-            scales, zeros = grid.layer_qparams(params)
-            g_idx = group_index(w.shape[1], grid.block_size(w.shape[1]), w.device)
-            rec = replace_with_quant_linear(model, name, module, config.scheme, codes, scales, zeros, g_idx)
+            rec, values = install_rounded(model, name, module, config.scheme, target)
             rec["output_rel_mse"] = output_rel_error(w, values, hessian[name])
             records[name] = rec
         return records

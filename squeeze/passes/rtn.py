@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from squeeze.model import linear_weight, select_linears
 from squeeze.passes.activations import calibrate_activation_scales
-from squeeze.passes.common import replace_with_quant_linear, rtn_codes
+from squeeze.passes.common import install_rounded
 from squeeze.registry import register_pass
 from squeeze.scheme import QuantScheme, get_scheme
 
@@ -30,8 +30,7 @@ def apply_rtn(model: nn.Module, config: RTN, calib=None) -> dict[str, dict]:
         act_scales = calibrate_activation_scales(model, layers, calib, config.scheme.activations)
     records = {}
     for name, module in tqdm(layers.items(), desc="rtn", unit="layer", leave=False):
-        codes, scales, zeros, g_idx = rtn_codes(linear_weight(module).detach(), config.scheme)
-        records[name] = replace_with_quant_linear(model, name, module, config.scheme, codes, scales, zeros, g_idx)
+        records[name], _ = install_rounded(model, name, module, config.scheme, linear_weight(module).detach())
         if name in act_scales:
             model.get_submodule(name).input_scale = act_scales[name]
     return records

@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from squeeze.errors import SqueezeError
-from squeeze.grid import grid_for, quantize_rtn
 from squeeze.model import linear_weight, select_linears
 from squeeze.passes.activations import InputRangeObserver
-from squeeze.passes.common import replace_with_quant_linear
+from squeeze.passes.common import install_rounded
 from squeeze.passes.gptq_core import HessianAccumulator, output_rel_error
 from squeeze.passes.scaling import fold_scales, mappings_for, relative_names, resolve
-from squeeze.primitives import act_scale_from_absmax, group_index
+from squeeze.primitives import act_scale_from_absmax
 from squeeze.registry import register_pass
 from squeeze.runner import BlockInputs, collect_inputs, run_sequential
 from squeeze.scheme import QuantScheme, get_scheme
@@ -56,7 +55,6 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alph
 
 
 def _process_block(model: nn.Module, config: SmoothQuant, mappings):
-    grid = grid_for(config.scheme.with_(activations=None))
     acts = config.scheme.activations
 
     def process(prefix: str, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs) -> dict[str, dict]:
@@ -90,10 +88,7 @@ def _process_block(model: nn.Module, config: SmoothQuant, mappings):
         records = {}
         for name, module in layers.items():
             w = linear_weight(module).detach().float()
-            codes, params, values = quantize_rtn(grid, w)
-            scales, zeros = grid.layer_qparams(params)
-            g_idx = group_index(w.shape[1], grid.block_size(w.shape[1]), w.device)
-            rec = replace_with_quant_linear(model, name, module, config.scheme, codes, scales, zeros, g_idx)
+            rec, values = install_rounded(model, name, module, config.scheme, w)
             if acts.mode == "static":
                 model.get_submodule(name).input_scale = act_scale_from_absmax(ranges[name].absmax())
             rec["output_rel_mse"] = output_rel_error(w, values, acc[name].hessian)  # weight rounding only

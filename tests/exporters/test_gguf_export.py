@@ -28,11 +28,11 @@ def tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
 
 
 def llama_quantize(src: Path, out: Path, mix: str) -> Path:
-    from squeeze.eval.llamacpp import _quiet_stderr
+    from squeeze.eval.llamacpp import quiet_stderr
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = MIXES[mix].ftype, 1
-    with _quiet_stderr():
+    with quiet_stderr():
         assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
     return out
 
@@ -134,12 +134,12 @@ def test_qwen2_with_biases(tiny_models, tmp_path):
 
 def test_llama_cpp_tokenizes_like_hf(stories_dir, eval_text, tmp_path):
     """The embedded SentencePiece vocabulary tokenizes the eval text exactly like the HF tokenizer (BOS included)."""
-    from squeeze.eval.llamacpp import _quiet_stderr
+    from squeeze.eval.llamacpp import quiet_stderr
     from squeeze.model import load_tokenizer
 
     art = api.export(stories_dir, "gguf", tmp_path / "s.gguf", qtype="q8_0", verify=False)
     text = eval_text.read_text()[:20000]
-    with _quiet_stderr():
+    with quiet_stderr():
         llm = llama_cpp.Llama(str(art.path), vocab_only=True, verbose=False)
     ours = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
     assert ours == load_tokenizer(stories_dir)(text)["input_ids"]
@@ -258,7 +258,7 @@ def test_bpe_tokenizer_json_qwen2(tmp_path, calib_text, eval_text):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-    from squeeze.eval.llamacpp import _quiet_stderr
+    from squeeze.eval.llamacpp import quiet_stderr
     from squeeze.model import load_tokenizer
 
     qwen2_regex = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -279,7 +279,7 @@ def test_bpe_tokenizer_json_qwen2(tmp_path, calib_text, eval_text):
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(model_dir)
     art = api.export(model_dir, "gguf", tmp_path / "q.gguf", qtype="f32")
     assert art.verification["top1_agreement"] == 1.0
-    with _quiet_stderr():
+    with quiet_stderr():
         llm = llama_cpp.Llama(str(art.path), vocab_only=True, verbose=False)
     sample = eval_text.read_text()[:20000]
     assert llm.tokenize(sample.encode("utf-8"), add_bos=False, special=False) == load_tokenizer(model_dir)(sample)["input_ids"]
