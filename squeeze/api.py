@@ -211,6 +211,27 @@ def evaluate(
     return evaluate_tokens(rt, tokens, ctx, ref_rt, rt.size_bytes, progress)
 
 
+def is_encoder(rt) -> bool:
+    """An encoder (sentence embeddings), not a causal LM with logits: a Hugging Face model that cannot generate."""
+    if hasattr(rt, "kind"):  # onnxruntime records the kind the exporter saw
+        return rt.kind == "encoder"
+    model = getattr(rt, "model", None)
+    return getattr(model, "config", None) is not None and hasattr(model, "can_generate") and not model.can_generate()
+
+
+def evaluate_encoder(model, data: str | Path, reference, tokenizer=None, runtime: str | None = None):
+    """Mean cosine of ``model``'s sentence embeddings against ``reference``'s on the sentences of ``data``."""
+    from squeeze.eval.embeddings import evaluate_embeddings
+
+    if reference is None:
+        raise SqueezeError("an encoder is evaluated against its original: pass --reference")
+    rt, ref_rt = _open(model, runtime), _open(reference)
+    size = rt.size_bytes
+    result = evaluate_embeddings(rt, ref_rt, _tokenizer_for(tokenizer, rt, ref_rt), read_text(data))
+    result.size_bytes = size
+    return result
+
+
 def evaluate_task(
     model: str | Path | nn.Module, task: str | Path, tokenizer=None, runtime: str | None = None, progress: bool = True
 ):
@@ -235,6 +256,7 @@ def measure_speed(model: str | Path | nn.Module, runtime: str | None = None, **s
 # Keys of `squeeze eval --json`: the same on every runtime (null where not measured).
 EVAL_JSON_KEYS = (
     "ppl", "kld", "top1_agreement", "tokens", "windows", "ctx", "size_bytes", "runtime", "seconds",
+    "embedding_cosine_mean", "embedding_cosine_min", "sentences",
     "task_accuracy", "task_accuracy_norm", "task_items",
     "p50_ms", "p95_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes", "latency_settings",
     "device", "model", "data", "reference",
@@ -256,8 +278,13 @@ def eval_report(
     from squeeze.eval.device import describe_device
 
     out = dict.fromkeys(EVAL_JSON_KEYS)
-    res = evaluate(model, data, reference=reference, ctx=ctx, tokenizer=tokenizer, runtime=runtime, progress=progress)
-    out.update(res.to_dict())
+    if is_encoder(_open(model, runtime)):
+        out.update(evaluate_encoder(model, data, reference, tokenizer=tokenizer, runtime=runtime).to_dict())
+        out.update(runtime=_open(model, runtime).name)
+    else:
+        res = evaluate(model, data, reference=reference, ctx=ctx, tokenizer=tokenizer, runtime=runtime,
+                       progress=progress)
+        out.update(res.to_dict())
     if task is not None:
         if tokenizer is None and reference is not None and not Path(model).is_dir():
             tokenizer = load_tokenizer(Path(reference))

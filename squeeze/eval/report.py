@@ -26,6 +26,9 @@ COLUMNS: dict[str, tuple[str, Any]] = {
     "prefill_tokens_per_s": ("prefill tok/s", lambda v: f"{v:.0f}"),
     "decode_tokens_per_s": ("decode tok/s", lambda v: f"{v:.1f}"),
     "peak_rss_bytes": ("peak RSS", lambda v: human_bytes(v)),
+    "embedding_cosine_mean": ("mean cosine", lambda v: f"{v:.5f}"),
+    "embedding_cosine_min": ("min cosine", lambda v: f"{v:.5f}"),
+    "sentences": ("sentences", str),
     "error": ("error", str),
 }
 
