@@ -256,7 +256,7 @@ def measure_speed(model: str | Path | nn.Module, runtime: str | None = None, **s
 # Keys of `squeeze eval --json`: the same on every runtime (null where not measured).
 EVAL_JSON_KEYS = (
     "ppl", "kld", "top1_agreement", "tokens", "windows", "ctx", "size_bytes", "runtime", "seconds",
-    "embedding_cosine_mean", "embedding_cosine_min", "sentences",
+    "embedding_cosine_mean", "embedding_cosine_min", "sentences", "accuracy", "samples",
     "task_accuracy", "task_accuracy_norm", "task_items",
     "p50_ms", "p95_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes", "latency_settings",
     "device", "model", "data", "reference",
@@ -278,9 +278,15 @@ def eval_report(
     from squeeze.eval.device import describe_device
 
     out = dict.fromkeys(EVAL_JSON_KEYS)
-    if is_encoder(_open(model, runtime)):
+    rt = _open(model, runtime)
+    if getattr(rt, "kind", None) == "module":  # a plain-module graph: a classifier on .npz inputs
+        from squeeze.eval.classify import evaluate_classifier
+
+        ref_rt = _open(reference) if reference is not None else None
+        out.update(evaluate_classifier(rt, ref_rt, data).to_dict(), runtime=rt.name)
+    elif is_encoder(rt):
         out.update(evaluate_encoder(model, data, reference, tokenizer=tokenizer, runtime=runtime).to_dict())
-        out.update(runtime=_open(model, runtime).name)
+        out.update(runtime=rt.name)
     else:
         res = evaluate(model, data, reference=reference, ctx=ctx, tokenizer=tokenizer, runtime=runtime,
                        progress=progress)

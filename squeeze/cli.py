@@ -157,6 +157,8 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
         columns = ["ppl", "kld", "top1_agreement", "tokens", "size_bytes", "seconds"]
         if result["embedding_cosine_mean"] is not None:  # an encoder
             columns = ["embedding_cosine_mean", "embedding_cosine_min", "sentences", "size_bytes"]
+        elif result["accuracy"] is not None:  # a classifier
+            columns = ["accuracy", "top1_agreement", "samples", "size_bytes"]
         columns += ["task_accuracy"] if task else []
         columns += ["p50_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes"] if latency else []
         click.echo(text_table([result], columns))

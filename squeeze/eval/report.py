@@ -29,6 +29,8 @@ COLUMNS: dict[str, tuple[str, Any]] = {
     "embedding_cosine_mean": ("mean cosine", lambda v: f"{v:.5f}"),
     "embedding_cosine_min": ("min cosine", lambda v: f"{v:.5f}"),
     "sentences": ("sentences", str),
+    "accuracy": ("accuracy", lambda v: f"{100 * v:.2f}%"),
+    "samples": ("samples", str),
     "error": ("error", str),
 }
 
