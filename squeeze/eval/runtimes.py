@@ -17,7 +17,7 @@ from squeeze.errors import SqueezeError
 
 
 class TorchRuntime:
-    """Runs a torch causal LM (a Hugging Face model, or any module returning logits)."""
+    """Runs a torch model (a Hugging Face model, or any module returning logits); on CUDA when present."""
 
     name = "torch"
 
@@ -36,7 +36,8 @@ class TorchRuntime:
         from squeeze.model import load_tokenizer, validate_model_dir, weights_size
 
         path = validate_model_dir(path)
-        return cls(load(path), tokenizer=load_tokenizer(path), size_bytes=weights_size(path))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(load(path), device, tokenizer=load_tokenizer(path), size_bytes=weights_size(path))
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,7 @@ class TorchRuntime:
         if getattr(self.model, "config", None) is None:
             for _ in range(new_tokens):
                 ids = torch.cat([ids, self.logits(ids)[:, -1].argmax(-1, keepdim=True).to(self.device)], dim=1)
-            return ids
+            return ids.cpu()
         out = self.model(ids, use_cache=True)
         past = out.past_key_values
         for _ in range(new_tokens):
@@ -59,7 +60,7 @@ class TorchRuntime:
             ids = torch.cat([ids, nxt], dim=1)
             out = self.model(nxt, past_key_values=past, use_cache=True)
             past = out.past_key_values
-        return ids
+        return ids.cpu()  # also waits for the device, so timings include all of the work
 
 
 # runtime name -> (module, class)
