@@ -9,6 +9,12 @@ time and peak memory. Every cell runs in its own process so peak RSS is that
 cell's. When llm-compressor is importable (here or by --llmc-python) the same
 GPTQ configuration runs through it on the same calibration token windows and
 both are reported side by side from one run.
+
+llm-compressor 0.14 pins transformers <= 5.17, so it lives in its own environment
+that reuses this one's CPU torch, e.g.:
+
+    python -m venv --system-site-packages /tmp/llmc && /tmp/llmc/bin/pip install llmcompressor "transformers<=5.17"
+    python bench/quality.py --llmc-python /tmp/llmc/bin/python
 """
 
 from __future__ import annotations
