@@ -10,10 +10,13 @@ cell's. When llm-compressor is importable (here or by --llmc-python) the same
 GPTQ configuration runs through it on the same calibration token windows and
 both are reported side by side from one run.
 
-llm-compressor 0.14 pins transformers <= 5.17, so it lives in its own environment
-that reuses this one's CPU torch, e.g.:
+llm-compressor 0.14 pins transformers <= 5.17, so it lives in its own environment,
+whose own packages come first and which falls back to this environment's CPU torch
+through a .pth file (as measured for reports/quality.md):
 
-    python -m venv --system-site-packages /tmp/llmc && /tmp/llmc/bin/pip install llmcompressor "transformers<=5.17"
+    python -m venv /tmp/llmc
+    python -c "import site; print(site.getsitepackages()[0])" > /tmp/llmc/lib/python3.11/site-packages/zz_main.pth
+    /tmp/llmc/bin/pip install --no-deps llmcompressor "transformers<=5.17" compressed-tensors  # + their light deps
     python bench/quality.py --llmc-python /tmp/llmc/bin/python
 """
 
