@@ -54,6 +54,19 @@ class CalibrationSet:
             yield self.input_ids[i : i + batch_size]
 
 
+def jsonl_records(path: Path, raw: str) -> list[tuple[int, object]]:
+    """(line number, parsed value) for every non-empty line of a JSONL text; bad JSON names its line."""
+    records = []
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise SqueezeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    return records
+
+
 def read_text(path: str | Path) -> str:
     """Text of a .txt file, or the "text" fields of a .jsonl file joined by blank lines."""
     p = Path(path)
@@ -68,13 +81,7 @@ def read_text(path: str | Path) -> str:
             raise SqueezeError(f"data file {str(p)!r} is empty")
         return raw
     texts = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SqueezeError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+    for lineno, record in jsonl_records(p, raw):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise SqueezeError(f"{p}:{lineno}: each JSONL record needs a string field 'text'")
         texts.append(record["text"])

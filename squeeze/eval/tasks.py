@@ -7,13 +7,13 @@ lm-evaluation-harness does), on any runtime that gives logits.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from squeeze.calib import jsonl_records
 from squeeze.errors import SqueezeError
 
 
@@ -39,13 +39,7 @@ def load_multiple_choice(path: str | Path) -> list[Choice]:
     if not p.is_file():
         raise SqueezeError(f"task file {str(p)!r} does not exist")
     items = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SqueezeError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+    for lineno, rec in jsonl_records(p, p.read_text(encoding="utf-8")):
         ok = (
             isinstance(rec, dict)
             and isinstance(rec.get("context"), str)
