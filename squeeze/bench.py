@@ -106,19 +106,20 @@ def quantize_cached(config: BenchConfig, method: dict, cache: Path, model_hash: 
     return out
 
 
-def export_cached(source: Path, fmt: dict, cache: Path, key: str) -> Path:
+def export_cached(source: Path, fmt: dict, cache: Path, key: str) -> tuple[Path, str]:
+    """The artifact for one cell and its type as the exporter named it ("-" for torch or a reused file)."""
     from squeeze import api
 
     if fmt["format"] == "torch":
-        return source
+        return source, "-"
     out = cache / "artifacts" / f"{key}{FORMAT_SUFFIX[fmt['format']]}"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        options = {k: v for k, v in fmt.items() if k != "format"}
-        if "type" in options:
-            options["qtype"] = options.pop("type")
-        api.export(source, fmt["format"], out, **options)
-    return out
+    if out.exists():
+        return out, fmt.get("type", "-")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    options = {k: v for k, v in fmt.items() if k != "format"}
+    if "type" in options:
+        options["qtype"] = options.pop("type")
+    return out, api.export(source, fmt["format"], out, **options).type
 
 
 def measure_cell(artifact: Path, config: BenchConfig, runtime: str) -> dict:
@@ -154,7 +155,7 @@ def run_bench(config: BenchConfig, cache: Path, progress: bool = True) -> list[d
                "type": fmt.get("type", "-"), "runtime": FORMAT_RUNTIME[fmt["format"]]}
         try:
             source = Path(config.model) if method["method"] == "float" else quantize_cached(config, method, cache, model_hash)
-            artifact = export_cached(source, fmt, cache, key)
+            artifact, row["type"] = export_cached(source, fmt, cache, key)
             row.update(measure_cell(artifact, config, row["runtime"]))
         except SqueezeError as e:
             row["error"] = str(e)

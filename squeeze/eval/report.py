@@ -11,7 +11,7 @@ COLUMNS: dict[str, tuple[str, Any]] = {
     "scheme": ("scheme", str),
     "ppl": ("ppl", lambda v: f"{v:.4f}"),
     "ppl_delta_pct": ("Δppl %", lambda v: f"{v:+.2f}"),
-    "kld": ("KLD", lambda v: f"{v:.5f}"),
+    "kld": ("KLD", lambda v: f"{max(v, 0.0):.5f}"),  # KL >= 0; a float32 -1e-9 prints as 0
     "top1_agreement": ("top-1 agree", lambda v: f"{100 * v:.2f}%"),
     "size_bytes": ("size", lambda v: human_bytes(v)),
     "tokens": ("tokens", str),
