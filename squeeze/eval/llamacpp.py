@@ -14,26 +14,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from squeeze.errors import MissingExtraError, SqueezeError
+from squeeze.errors import SqueezeError
+from squeeze.optional import require
 
 DEFAULT_CONTEXT = 2048
 
 
 def _import_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise MissingExtraError("llama-cpp-python", "gguf") from None
-    return llama_cpp
+    return require("llama_cpp", "gguf", "llama-cpp-python")
 
 
 def gguf_metadata(path: Path) -> dict:
     """A GGUF file's metadata except the tokenizer arrays (read with gguf-py, without loading tensors)."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise MissingExtraError("gguf", "gguf") from None
-    fields = GGUFReader(str(path)).fields
+    fields = require("gguf", "gguf").GGUFReader(str(path)).fields
     return {k: f.contents() for k, f in fields.items() if not k.startswith("tokenizer.")}
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from squeeze.errors import MissingExtraError, SqueezeError
+from squeeze.errors import SqueezeError
+from squeeze.optional import require
 
 LOGITS_BATCH = 8  # windows per onnxruntime call in `OrtRuntime.logits`
 # ONNX element type -> numpy dtype for the inputs squeeze feeds.
@@ -20,11 +21,7 @@ ORT_NUMPY_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor
 
 
 def import_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise MissingExtraError("onnxruntime", "onnx") from None
-    return onnxruntime
+    return require("onnxruntime", "onnx")
 
 
 def open_session(path: Path, threads: int | None = None):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from squeeze.errors import MissingExtraError, SqueezeError
+from squeeze.errors import SqueezeError
+from squeeze.optional import require
 from squeeze.exporters import Artifact
 from squeeze.exporters.gguf.arch import ArchSpec, Hparams, add_hparams, get_arch, read_hparams
 from squeeze.exporters.gguf.codecs import FORMATS
@@ -43,10 +44,7 @@ class GGUFExport:
 
 
 def _require_gguf() -> None:
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise MissingExtraError("gguf", "gguf") from None
+    require("gguf", "gguf")
 
 
 def _hf_config(model_dir: Path):

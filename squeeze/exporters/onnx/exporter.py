@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from squeeze.errors import MissingExtraError, SqueezeError
+from squeeze.errors import SqueezeError
+from squeeze.optional import require
 from squeeze.exporters import Artifact
 from squeeze.exporters.onnx.graphs import GRAPH_BUILDERS, GraphSpec, lower_quant_linears, model_kind, module_graph
 from squeeze.exporters.onnx.verify import verify_module, verify_tokens
@@ -60,11 +61,8 @@ class ONNXExport:
 
 
 def _require_onnx():
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError as e:
-        raise MissingExtraError(e.name or "onnx", "onnx") from None
+    require("onnx", "onnx")
+    require("onnxruntime", "onnx")
 
 
 def precision_name(model: nn.Module, qtype: str) -> str:
