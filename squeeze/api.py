@@ -168,7 +168,9 @@ def export(model: str | Path, fmt: str, output: str | Path, overwrite: bool = Fa
 
 
 def _open(model, runtime: str | None = None):
-    """A runtime for an nn.Module or an artifact path."""
+    """A runtime for an nn.Module or an artifact path (an already opened runtime is returned as is)."""
+    if hasattr(model, "logits") and not isinstance(model, nn.Module):
+        return model
     if isinstance(model, nn.Module):
         size = sum(t.numel() * t.element_size() for t in ckpt.checkpoint_state(model).values())
         return TorchRuntime(model, size_bytes=size)
@@ -226,9 +228,8 @@ def evaluate_encoder(model, data: str | Path, reference, tokenizer=None, runtime
     if reference is None:
         raise SqueezeError("an encoder is evaluated against its original: pass --reference")
     rt, ref_rt = _open(model, runtime), _open(reference)
-    size = rt.size_bytes
     result = evaluate_embeddings(rt, ref_rt, _tokenizer_for(tokenizer, rt, ref_rt), read_text(data))
-    result.size_bytes = size
+    result.size_bytes = rt.size_bytes
     return result
 
 
@@ -271,10 +272,13 @@ def eval_report(
     tokenizer=None,
     runtime: str | None = None,
     task: str | Path | None = None,
-    latency: bool = False,
+    latency: bool | dict = False,
     progress: bool = True,
 ) -> dict:
-    """Everything `squeeze eval` reports, as one flat dict with the keys of EVAL_JSON_KEYS."""
+    """Everything `squeeze eval` reports, as one flat dict with the keys of EVAL_JSON_KEYS.
+
+    The artifact is opened once; ``latency`` is True or the settings of measure_speed.
+    """
     from squeeze.eval.device import describe_device
 
     out = dict.fromkeys(EVAL_JSON_KEYS)
@@ -285,19 +289,17 @@ def eval_report(
         ref_rt = _open(reference) if reference is not None else None
         out.update(evaluate_classifier(rt, ref_rt, data).to_dict(), runtime=rt.name)
     elif is_encoder(rt):
-        out.update(evaluate_encoder(model, data, reference, tokenizer=tokenizer, runtime=runtime).to_dict())
+        out.update(evaluate_encoder(rt, data, reference, tokenizer=tokenizer).to_dict())
         out.update(runtime=rt.name)
     else:
-        res = evaluate(model, data, reference=reference, ctx=ctx, tokenizer=tokenizer, runtime=runtime,
-                       progress=progress)
-        out.update(res.to_dict())
+        out.update(evaluate(rt, data, reference=reference, ctx=ctx, tokenizer=tokenizer, progress=progress).to_dict())
     if task is not None:
-        if tokenizer is None and reference is not None and not Path(model).is_dir():
+        if tokenizer is None and rt.tokenizer is None and reference is not None:
             tokenizer = load_tokenizer(Path(reference))
-        t = evaluate_task(model, task, tokenizer=tokenizer, runtime=runtime, progress=progress)
+        t = evaluate_task(rt, task, tokenizer=tokenizer, progress=progress)
         out.update(task_accuracy=t.accuracy, task_accuracy_norm=t.accuracy_norm, task_items=t.items)
     if latency:
-        speed = measure_speed(model, runtime=runtime)
+        speed = measure_speed(rt, **(latency if isinstance(latency, dict) else {}))
         out.update(
             p50_ms=speed["forward"]["p50_ms"], p95_ms=speed["forward"]["p95_ms"],
             prefill_tokens_per_s=speed["prefill_tokens_per_s"], decode_tokens_per_s=speed["decode_tokens_per_s"],

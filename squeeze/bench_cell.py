@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+
+
+# the eval_report keys a bench row keeps
+ROW_KEYS = ("ppl", "kld", "top1_agreement", "tokens", "size_bytes", "task_accuracy", "task_accuracy_norm", "p50_ms",
+            "p95_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes", "latency_settings")
 
 
 def main() -> int:
@@ -16,32 +20,14 @@ def main() -> int:
 
     job = json.loads(sys.stdin.read())
     try:
-        res = api.evaluate(job["artifact"], job["data"], reference=job["reference"], ctx=job["ctx"],
-                           runtime=job["runtime"], progress=False)
-        row = {k: res.to_dict()[k] for k in ("ppl", "kld", "top1_agreement", "tokens", "size_bytes")}
-        if job.get("task"):
-            tokenizer = None
-            if not Path(job["artifact"]).is_dir():
-                from squeeze.model import load_tokenizer
-
-                tokenizer = load_tokenizer(Path(job["reference"]))
-            task = api.evaluate_task(job["artifact"], job["task"], tokenizer=tokenizer, runtime=job["runtime"],
-                                     progress=False)
-            row["task_accuracy"] = task.accuracy
-            row["task_accuracy_norm"] = task.accuracy_norm
-        speed = api.measure_speed(job["artifact"], runtime=job["runtime"], **job["latency"])
-        row.update(
-            p50_ms=speed["forward"]["p50_ms"],
-            p95_ms=speed["forward"]["p95_ms"],
-            prefill_tokens_per_s=speed["prefill_tokens_per_s"],
-            decode_tokens_per_s=speed["decode_tokens_per_s"],
-            decode_ms_per_token=1000.0 * speed["batch"] / speed["decode_tokens_per_s"],
-            peak_rss_bytes=speed["peak_rss_bytes"],
-            latency_settings={k: speed[k] for k in ("batch", "prompt_tokens", "new_tokens")},
-        )
+        report = api.eval_report(job["artifact"], job["data"], reference=job["reference"], ctx=job["ctx"],
+                                 runtime=job["runtime"], task=job.get("task"), latency=job["latency"],
+                                 progress=False)
     except SqueezeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    row = {k: report[k] for k in ROW_KEYS if not (k.startswith("task_") and job.get("task") is None)}
+    row["decode_ms_per_token"] = 1000.0 * report["latency_settings"]["batch"] / report["decode_tokens_per_s"]
     print(json.dumps(row))
     return 0
 
