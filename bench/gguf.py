@@ -31,8 +31,11 @@ from squeeze.resources import DEFAULT_MODEL, default_eval_text  # noqa: E402
 CTX = 512
 # calibrated runs: (label, GPTQ scheme, --type, requantize, llama.cpp type to beat). The 172-wide down_proj
 # has no 32-weight blocks (llama.cpp writes it F16), so GPTQ leaves it float.
-CALIBRATED = (("gptq q4_0", "q4_0", "q4_0", False, "q4_0"), ("gptq q4_k_m", "q5_0", "q4_k_m", True, "q4_k_m"))
-GPTQ_IGNORE = ("mlp.down_proj",)
+# (GPTQ scheme, exported --type, layers left float): the scheme is the type's grid, or for a mix each
+# layer's type under that mix. Single-type schemes leave down_proj (172 inputs, no 32-weight blocks) float;
+# the mixes give it F16 themselves.
+CALIBRATED = (("q4_0", "q4_0", ("mlp.down_proj",)), ("q4_1", "q4_1", ("mlp.down_proj",)),
+              ("q4_k_m", "q4_k_m", ()), ("q5_k_m", "q5_k_m", ()))
 
 
 def llama_quantize(src: Path, out: Path, qtype: str) -> Path:
@@ -41,6 +44,7 @@ def llama_quantize(src: Path, out: Path, qtype: str) -> Path:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = MIXES[qtype].ftype
+    params.pure = MIXES[qtype].pure  # q4_k etc.: llama-quantize --pure
     params.nthread = 1
     with quiet_stderr():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
@@ -59,14 +63,14 @@ def export(src: Path, out: Path, qtype: str, requantize: bool = False) -> Path:
     return artifact.path
 
 
-def gptq_checkpoint(scheme: str, out: Path) -> Path:
+def gptq_checkpoint(scheme: str, ignore: tuple[str, ...], out: Path) -> Path:
     """GPTQ (defaults: 128 x 512 tokens of the bundled calibration text); reused if ``out`` already holds it."""
     from squeeze.passes.gptq import GPTQ
     from squeeze.scheme import get_scheme
 
     if (out / "config.json").is_file():
         return out
-    return api.quantize_dir(DEFAULT_MODEL, out, GPTQ(scheme=get_scheme(scheme), ignore=GPTQ_IGNORE), overwrite=True)
+    return api.quantize_dir(DEFAULT_MODEL, out, GPTQ(scheme=get_scheme(scheme), ignore=ignore), overwrite=True)
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -121,13 +125,13 @@ def main(argv=None) -> int:
     if args.no_gptq:
         calibrated = ["(skipped: --no-gptq)"]
     else:
-        for label, scheme, t, requantize, rival in CALIBRATED:
-            ckpt = gptq_checkpoint(scheme, args.work / f"gptq-{scheme}")
-            m = measure(export(ckpt, args.work / f"gptq-{t}.gguf", t, requantize))
-            calibrated.append(fmt_row(f"{label} (GPTQ {scheme}{', --requantize' if requantize else ''})", m, torch_fp32))
-            if rival not in own:
-                own[rival] = measure(llama_quantize(f32, args.work / f"llamacpp-{rival}.gguf", rival))
-            calibrated.append(fmt_row(f"llama.cpp {rival}", own[rival], torch_fp32))
+        for scheme, t, ignore in CALIBRATED:
+            ckpt = gptq_checkpoint(scheme, ignore, args.work / f"gptq-{scheme}")
+            m = measure(export(ckpt, args.work / f"gptq-{t}.gguf", t))
+            calibrated.append(fmt_row(f"squeeze GPTQ --scheme {scheme} -> {t}", m, torch_fp32))
+            if t not in own:
+                own[t] = measure(llama_quantize(f32, args.work / f"llamacpp-{t}.gguf", t))
+            calibrated.append(fmt_row(f"llama.cpp {t}", own[t], torch_fp32))
             print(calibrated[-2], flush=True)
     text = REPORT.format(table="\n".join(lines), versus="\n".join(versus), calibrated="\n".join(calibrated),
                          minutes=(time.time() - start) / 60, ctx=CTX, types=" ".join(args.types))
@@ -164,13 +168,17 @@ numbers are the squeeze file's.
 
 ## Calibrated GGUF (GPTQ on the block grid, written without re-rounding)
 
-GPTQ with `--scheme q4_0` / `q5_0` rounds onto llama.cpp's own block grid (each 32-weight block's d
-fitted by llama.cpp's reference quantizer, value = d * (q - 8) or d * (q - 16)); the checkpoint's
-integers and fp16 scales are written into Q4_0 / Q5_0 blocks as they are. down_proj (172 inputs, no
-32-weight blocks; F16 in both files) is left float by GPTQ (`ignore=mlp.down_proj`). On this model
-q4_k_m is Q5_0 for most tensors (K-quant fallback) and Q8_0 for attn_v in layers 2 and 4; those two
-tensors are re-rounded from the calibrated weights (`--requantize`). GPTQ: 128 windows x 512 tokens of
-the bundled calibration text, damp 0.01, no act-order.
+GPTQ with a GGUF scheme rounds onto llama.cpp's own block grid: each block's scales (and mins) are
+fitted by llama.cpp's reference quantizer, then GPTQ chooses every code on that fixed grid. `q4_0` is
+stored in the checkpoint's GPTQ layout (d and the fixed zero 8); `q4_1` and the K types, whose blocks
+carry mins or quantized sub-block scales, are stored as the GGUF blocks themselves. A mix scheme
+(`--scheme q4_k_m`) calibrates each layer on the type llama.cpp's mix gives it, shape fallbacks
+included, so `squeeze export --to gguf` writes every calibrated tensor without re-rounding (no
+--requantize anywhere below). On this model q4_k_m means Q5_0 for most tensors (the Q4_K fallback) and
+Q8_0 for attn_v in layers 2 and 4 (Q6_K's fallback); q5_k_m means Q5_1 and Q8_0. down_proj (172 inputs,
+no 32-weight blocks; F16 in every file) stays float. GPTQ: 128 windows x 512 tokens of the bundled
+calibration text, damp 0.01, no act-order. The K-quant grids themselves (256-weight super-blocks) need
+rows of 256: tests/exporters/test_gguf_schemes.py runs GPTQ/AWQ on Q4_K/Q6_K there (hidden-256 model).
 
 {calibrated}
 """

@@ -27,7 +27,7 @@ from squeeze.model import auto_class_for, directory_hash, load_pretrained, load_
 from squeeze.modules import QuantLinear
 from squeeze.recipe import Recipe
 from squeeze.registry import pass_for_config
-from squeeze.scheme import QuantScheme
+from squeeze.scheme import GGUFMix
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -67,10 +67,7 @@ def load(path: str | Path, dtype: str | None = None) -> nn.Module:
     from transformers.initialization import no_init_weights
 
     scheme = ckpt.scheme_from_quantization_config(config["quantization_config"])
-    meta = ckpt.read_metadata(p) or {}
-    layer_schemes = {
-        name: QuantScheme.from_dict(rec["scheme_dict"]) for name, rec in meta.get("layers", {}).items() if "scheme_dict" in rec
-    }
+    layer_schemes = ckpt.read_layer_schemes(p)
     hf_config = AutoConfig.from_pretrained(p, local_files_only=True)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
@@ -81,6 +78,18 @@ def load(path: str | Path, dtype: str | None = None) -> nn.Module:
     with no_init_weights():
         model = auto.from_config(hf_config, dtype=torch_dtype)
     return ckpt.load_into(model, p, scheme, layer_schemes)
+
+
+def _checkpoint_scheme(layers: dict[str, QuantLinear], recipe):
+    """The checkpoint's scheme: the layers' one grid, or the GGUF mix that gave them several GGUF types."""
+    schemes = {m.scheme.with_(activations=None) for m in layers.values()}
+    if len(schemes) == 1:
+        return next(iter(layers.values())).scheme
+    mixes = [p.scheme for p in _as_recipe(recipe).passes if isinstance(p.scheme, GGUFMix)] if recipe else []
+    if mixes and all(s.gguf is not None for s in schemes):
+        return mixes[-1]
+    raise SqueezeError(f"one checkpoint holds one weight grid or one GGUF mix (--scheme q4_k_m, with the recipe "
+                       f"passed to save); the model mixes {sorted(s.name for s in schemes)}")
 
 
 def save(
@@ -97,10 +106,7 @@ def save(
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise SqueezeError("the model has no quantized layers to save; run squeeze.quantize first")
-    schemes = {m.scheme.with_(activations=None) for m in layers.values()}
-    if len(schemes) > 1:
-        raise SqueezeError(f"one checkpoint holds one weight grid; the model mixes {sorted(s.name for s in schemes)}")
-    scheme = next(iter(layers.values())).scheme
+    scheme = _checkpoint_scheme(layers, recipe)
     source_dir = Path(source) if source is not None else None
     recipe_dict = _as_recipe(recipe).to_dict() if recipe is not None else None
     layer_meta = {}

@@ -30,14 +30,16 @@ def cli() -> None:
     """squeeze: quantize models, export them, and prove they still work."""
 
 
-def _scheme_from_flags(scheme, bits, group_size, granularity, asym, act, act_observer):
+def _scheme_from_flags(scheme, bits, group_size, granularity, asym, act, act_observer, act_asym=False):
     from squeeze.scheme import ActScheme, QuantScheme, get_scheme
 
     if scheme is not None:
         return get_scheme(scheme)
     if granularity != "group" and group_size is not None:
         raise SqueezeError(f"--group-size applies only to --granularity group, not {granularity!r}")
-    activations = None if act == "none" else ActScheme(mode=act, observer=act_observer)
+    if act == "none" and act_asym:
+        raise SqueezeError("--act-asym applies to quantized activations; add --act static (or dynamic)")
+    activations = None if act == "none" else ActScheme(mode=act, observer=act_observer, symmetric=not act_asym)
     gs = (128 if group_size is None else group_size) if granularity == "group" else None
     return QuantScheme(bits=bits, symmetric=not asym, granularity=granularity, group_size=gs, activations=activations)
 
@@ -56,7 +58,7 @@ def _method_options(method: str, given: dict) -> dict:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output checkpoint directory.")
 @click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True, help="Quantization method.")
-@click.option("--scheme", default=None, help="Named scheme preset (e.g. w4g128, w4g32-asym, w8a8); overrides --bits etc.")
+@click.option("--scheme", default=None, help="Named scheme: a preset (w4g128, w4g32-asym, w8a8), a GGUF type (q4_0, q4_k, q6_k) or a GGUF mix (q4_k_m: each layer on the type llama.cpp's mix gives it); overrides --bits etc.")
 @click.option("--bits", type=int, default=None, help="Weight bits, 2-8 [default: 4; smoothquant: 8].")
 @click.option("--group-size", type=int, default=None, help="Columns per quantization group [default: 128].")
 @click.option("--granularity", type=click.Choice(["group", "channel", "tensor"]), default=None,
@@ -66,6 +68,9 @@ def _method_options(method: str, given: dict) -> dict:
               help="int8 activations: static per-tensor (calibrated) or dynamic per-token [default: none; "
                    "smoothquant: static].")
 @click.option("--act-observer", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True)
+@click.option("--act-asym", is_flag=True,
+              help="Asymmetric activations: uint8 with a calibrated zero point (scheme suffix -azp) instead of "
+                   "symmetric int8.")
 @click.option("--targets", multiple=True, help="Layers to quantize (glob, suffix, or re:REGEX); repeatable.")
 @click.option("--ignore", multiple=True, help="Layers to keep in float (same patterns); repeatable.")
 @click.option("--calib", default=None,
@@ -82,8 +87,8 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe (overrides method/scheme flags).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, targets, ignore,
-             calib, nsamples, seqlen, seed, damp, block_size, act_order, static_groups, alpha, dtype, recipe,
+def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
+             ignore, calib, nsamples, seqlen, seed, damp, block_size, act_order, static_groups, alpha, dtype, recipe,
              overwrite) -> None:
     """Quantize the model directory MODEL into a checkpoint at OUTPUT."""
     from squeeze import api
@@ -111,7 +116,7 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
     if recipe is not None:
         config = Recipe.load_yaml(recipe)
     else:
-        qscheme = _scheme_from_flags(scheme, bits, group_size, granularity, asym, act, act_observer)
+        qscheme = _scheme_from_flags(scheme, bits, group_size, granularity, asym, act, act_observer, act_asym)
         entry = get_pass(method)
         config = entry.config_cls(scheme=qscheme, targets=tuple(targets) or None, ignore=tuple(ignore), **options)
     calib_config = CalibConfig(calib, nsamples, seqlen, seed)

@@ -14,7 +14,7 @@ knows whether it is rounding onto int4 or onto a Q4_K super-block.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -41,6 +41,25 @@ class WeightGrid(Protocol):
     def nearest(self, w: torch.Tensor, params: Any, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes (uint8) and values (float32) nearest to ``w`` [rows, k], columns start..start+k of the block."""
         ...
+
+    def layer_qparams(self, params: list, codes: torch.Tensor, g_idx: torch.Tensor) -> LayerQParams:
+        """The whole layer's parameters (``params`` per block, ``g_idx`` the block of each column)."""
+        ...
+
+
+class LayerQParams(NamedTuple):
+    """A layer's grid as QuantLinear holds it: value = scales * (code - zeros) [+ offsets], per group.
+
+    ``blocks`` are the raw GGUF bytes (uint8 [rows, bytes per row]) for grids a GPTQ-layout checkpoint
+    cannot hold (block mins, quantized sub-block scales); ``offsets`` the per-group additive term (the
+    block mins) of such grids.
+    """
+
+    scales: torch.Tensor  # [rows, n_groups]
+    zeros: torch.Tensor  # [rows, n_groups]
+    g_idx: torch.Tensor  # int32 [cols]
+    offsets: torch.Tensor | None = None  # [rows, n_groups]
+    blocks: torch.Tensor | None = None  # uint8 [rows, bytes per row]
 
 
 @dataclass(frozen=True)
@@ -74,9 +93,9 @@ class IntGrid:
         q = (torch.round(w.float() / s) + z).clamp(0, self.scheme.maxq)
         return q.to(torch.uint8), (q - z) * s
 
-    def layer_qparams(self, params: list[IntParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_qparams(self, params: list[IntParams], codes: torch.Tensor, g_idx: torch.Tensor) -> LayerQParams:
         """Stack per-group parameters (group order) into QuantLinear's scales/zeros [rows, n_groups]."""
-        return torch.stack([p.scale for p in params], 1), torch.stack([p.zero for p in params], 1)
+        return LayerQParams(torch.stack([p.scale for p in params], 1), torch.stack([p.zero for p in params], 1), g_idx)
 
 
 def grid_for(scheme: QuantScheme) -> IntGrid:

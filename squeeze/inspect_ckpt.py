@@ -40,7 +40,7 @@ def describe(path: str | Path) -> dict:
             for key in fh.keys():
                 sl = fh.get_slice(key)
                 shapes[key] = (sl.get_dtype(), sl.get_shape())
-    quantized = {k.rsplit(".", 1)[0] for k in shapes if k.endswith(".qweight")}
+    quantized = {k.rsplit(".", 1)[0] for k in shapes if k.endswith((".qweight", ".gguf_blocks"))}
     groups: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
     for key, (dtype, shape) in shapes.items():
         n = 1

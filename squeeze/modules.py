@@ -1,5 +1,9 @@
 """QuantLinear: a Linear layer holding integer codes and per-group qparams.
 
+value = scales * (code - zeros) per group (g_idx), plus ``offsets`` (per-group block mins) for GGUF
+grids with mins; layers on such GGUF grids also keep their raw blocks (``gguf_blocks``) so checkpoints
+and the GGUF exporter carry the exact bytes.
+
 Its forward dequantizes on the fly (simulated quantization for evaluation);
 the same codes are what the checkpoint packs, so a saved and reloaded model
 computes exactly the same logits.
@@ -37,6 +41,10 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         # Static activation scale (a scalar), set once calibrated; None otherwise.
         self.register_buffer("input_scale", None)
+        # Its uint8 zero point (a scalar) for asymmetric activations; None for symmetric int8.
+        self.register_buffer("input_zero_point", None)
+        self.register_buffer("offsets", None)  # float32 [out, n_groups] for GGUF grids with block mins
+        self.register_buffer("gguf_blocks", None)  # uint8 [out, bytes per row]: the layer as GGUF blocks
 
     @classmethod
     def from_codes(
@@ -48,6 +56,8 @@ class QuantLinear(nn.Module):
         scheme: QuantScheme,
         bias: torch.Tensor | None,
         dtype: torch.dtype,
+        offsets: torch.Tensor | None = None,
+        gguf_blocks: torch.Tensor | None = None,
     ) -> "QuantLinear":
         out_f, in_f = codes.shape
         layer = cls(in_f, out_f, scheme, scales.shape[1], bias is not None, dtype)
@@ -55,17 +65,24 @@ class QuantLinear(nn.Module):
         layer.scales.copy_(scales)
         layer.zeros.copy_(zeros)
         layer.g_idx.copy_(g_idx)
+        if offsets is not None:
+            layer.offsets = offsets.detach().float().clone()
+        if gguf_blocks is not None:
+            layer.gguf_blocks = gguf_blocks.detach().to(torch.uint8).clone()
         if bias is not None:
             layer.bias.data.copy_(bias.to(dtype))
         return layer.to(codes.device)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.codes, self.scales, self.zeros, self.g_idx, self.compute_dtype)
+        if self.offsets is None:
+            return dequantize(self.codes, self.scales, self.zeros, self.g_idx, self.compute_dtype)
+        w = dequantize(self.codes, self.scales, self.zeros, self.g_idx, torch.float32) + self.offsets[:, self.g_idx.long()]
+        return w.to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         acts = self.scheme.activations
         if acts is not None:
-            x = fake_quant_activation(x, acts, self.input_scale)
+            x = fake_quant_activation(x, acts, self.input_scale, self.input_zero_point)
         return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

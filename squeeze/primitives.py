@@ -9,6 +9,8 @@ layout does) hold exactly the same grid.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from squeeze.scheme import ActScheme, QuantScheme
@@ -98,25 +100,64 @@ def fake_quant(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     return dequantize(quantize(w, scale, zero, scheme.bits, g_idx), scale, zero, g_idx, w.dtype)
 
 
-# ---- activations: symmetric int8 ------------------------------------------------
+# ---- activations: int8 (symmetric) or uint8 with a zero point (asymmetric) --------
 
-ACT_QMAX = 127.0
+ACT_QMAX = 127.0  # symmetric: round(x / s) in [-128, 127], zero point 0
+ACT_UMAX = 255  # asymmetric: round(x / s) + z in [0, 255], integer zero point z in [0, 255]
+MIN_ACT_SCALE = 1e-8
+
+
+class ActQParams(NamedTuple):
+    """Static per-tensor activation qparams: float32 scalar scale; uint8 scalar zero point (None: symmetric)."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
 
 
 def act_scale_from_absmax(absmax: torch.Tensor) -> torch.Tensor:
-    return (absmax.float() / ACT_QMAX).clamp(min=1e-8)
+    return (absmax.float() / ACT_QMAX).clamp(min=MIN_ACT_SCALE)
 
 
-def fake_quant_activation(x: torch.Tensor, acts: ActScheme, static_scale: torch.Tensor | None) -> torch.Tensor:
-    """Simulated int8 activation: static per-tensor scale, or dynamic per-token absmax."""
+def act_qparams_from_range(low: torch.Tensor, high: torch.Tensor, symmetric: bool) -> ActQParams:
+    """Scale (and zero point) covering [low, high] (any shape); the range is widened to include 0.
+
+    Asymmetric follows onnxruntime's uint8 QDQ: scale = (max - min) / 255, zero point = round(-min / scale),
+    so 0.0 is exactly representable (it quantizes to the zero point).
+    """
+    low = torch.minimum(low.float(), torch.zeros_like(low, dtype=torch.float32))
+    high = torch.maximum(high.float(), torch.zeros_like(high, dtype=torch.float32))
+    if symmetric:
+        return ActQParams(act_scale_from_absmax(torch.maximum(-low, high)), None)
+    scale = ((high - low) / ACT_UMAX).clamp(min=MIN_ACT_SCALE)
+    zero = torch.round(-low / scale).clamp(0, ACT_UMAX).to(torch.uint8)
+    return ActQParams(scale, zero)
+
+
+def quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    """Integer activation codes as float: int8 range without a zero point, uint8 range with one."""
+    if zero_point is None:
+        return torch.round(x.float() / scale).clamp(-ACT_QMAX - 1, ACT_QMAX)
+    return (torch.round(x.float() / scale) + zero_point.float()).clamp(0, ACT_UMAX)
+
+
+def fake_quant_activation(
+    x: torch.Tensor, acts: ActScheme, static_scale: torch.Tensor | None, static_zero_point: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Simulated 8-bit activation: static per-tensor qparams, or dynamic per-token range."""
     if acts.mode == "static":
         if static_scale is None:
             raise ValueError("static activation quantization needs a calibrated scale")
+        if (static_zero_point is None) != acts.symmetric:
+            raise ValueError(f"activation scheme {acts.name!r} is {'' if acts.symmetric else 'a'}symmetric but the "
+                             f"layer {'has' if static_zero_point is not None else 'has no'} input zero point")
         scale = static_scale.to(x.device)
+        zero = None if static_zero_point is None else static_zero_point.to(x.device)
     else:
-        scale = act_scale_from_absmax(x.detach().abs().amax(dim=-1, keepdim=True))
-    q = torch.round(x.float() / scale).clamp(-ACT_QMAX - 1, ACT_QMAX)
-    return (q * scale).to(x.dtype)
+        xd = x.detach()
+        scale, zero = act_qparams_from_range(xd.amin(dim=-1, keepdim=True), xd.amax(dim=-1, keepdim=True),
+                                             acts.symmetric)
+    q = quantize_activation(x, scale, zero)
+    return ((q if zero is None else q - zero.float()) * scale).to(x.dtype)
 
 
 # ---- int32 bit packing (GPTQ layout) ---------------------------------------------

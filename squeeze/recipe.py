@@ -7,7 +7,7 @@ from pathlib import Path
 
 from squeeze.errors import SqueezeError
 from squeeze.registry import get_pass, pass_for_config
-from squeeze.scheme import QuantScheme, get_scheme
+from squeeze.scheme import get_scheme, scheme_from_dict
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Recipe:
             if isinstance(scheme, str):
                 item["scheme"] = get_scheme(scheme)
             elif isinstance(scheme, dict):
-                item["scheme"] = QuantScheme.from_dict(scheme)
+                item["scheme"] = scheme_from_dict(scheme)
             item = {k: tuple(v) if isinstance(v, list) else v for k, v in item.items()}
             passes.append(entry.config_cls(**item))
         return cls(tuple(passes))

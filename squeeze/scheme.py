@@ -9,7 +9,7 @@ bit format. Named presets (``w4g128``, ``w4g32-asym``, ``w8a8``) live in the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from squeeze.errors import SqueezeError
 
@@ -23,12 +23,14 @@ MIN_BITS, MAX_BITS = 2, 8
 
 @dataclass(frozen=True)
 class ActScheme:
-    """Activation quantization: symmetric int8, static per-tensor or dynamic per-token."""
+    """Activation quantization, static per-tensor or dynamic per-token: symmetric int8 (zero point 0) or
+    asymmetric uint8 with an integer zero point ("azp", onnxruntime's QDQ form: scale = (max - min) / 255)."""
 
     bits: int = 8
     mode: ActMode = "static"
     observer: Observer = "minmax"
     percentile: float = 99.99
+    symmetric: bool = True
 
     def __post_init__(self) -> None:
         if self.bits != 8:
@@ -39,12 +41,17 @@ class ActScheme:
             raise SqueezeError(f"activation observer must be 'minmax' or 'percentile', got {self.observer!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise SqueezeError(f"activation percentile must be in (50, 100], got {self.percentile}")
+        if not isinstance(self.symmetric, bool):
+            raise SqueezeError(f"activation symmetric must be true or false, got {self.symmetric!r}")
 
     @property
     def name(self) -> str:
         if self.mode == "dynamic":
-            return "a8-dynamic"
-        return "a8" if self.observer == "minmax" else "a8-percentile"
+            base = "a8-dynamic"
+        else:
+            base = "a8" if self.observer == "minmax" else "a8-percentile"
+        # "-azp" (activation zero point), not "-asym": that suffix already names an asymmetric weight grid
+        return base + ("" if self.symmetric else "-azp")
 
 
 @dataclass(frozen=True)
@@ -73,9 +80,12 @@ class QuantScheme:
                 raise SqueezeError(f"group size must be a positive integer, got {self.group_size!r}")
         elif self.group_size is not None:
             raise SqueezeError(f"group size {self.group_size} only applies to granularity 'group', not {self.granularity!r}")
-        if self.gguf is not None and GGUF_SCHEMES.get(self.gguf) != self._int_name():
-            raise SqueezeError(f"GGUF scheme {self.gguf!r} needs the grid {GGUF_SCHEMES.get(self.gguf)}; "
-                               f"known GGUF schemes: {', '.join(GGUF_SCHEMES)}")
+        if self.gguf is not None:
+            spec = GGUF_SCHEMES.get(self.gguf)
+            if spec is None or (self.bits, self.symmetric, self.granularity, self.group_size) != (
+                    spec.bits, spec.symmetric, "group", spec.group_size) or self.activations is not None:
+                raise SqueezeError(f"GGUF scheme {self.gguf!r} is fixed by its block format; "
+                                   f"known GGUF schemes: {', '.join(GGUF_SCHEMES)}")
 
     @property
     def maxq(self) -> int:
@@ -84,6 +94,11 @@ class QuantScheme:
     @property
     def name(self) -> str:
         return self.gguf or self._int_name()
+
+    @property
+    def gguf_blocks(self) -> bool:
+        """Whether layers on this grid are stored as raw GGUF blocks (sub-block scales, mins) in a checkpoint."""
+        return self.gguf is not None and not GGUF_SCHEMES[self.gguf].gptq_layout
 
     def _int_name(self) -> str:
         base = f"w{self.bits}"
@@ -126,25 +141,89 @@ def _build_presets() -> dict[str, QuantScheme]:
             asym = s.with_(symmetric=False)
             presets[asym.name] = asym
     w8 = QuantScheme(8, True, "channel", None)
-    for acts in (ActScheme(), ActScheme(mode="dynamic"), ActScheme(observer="percentile")):
+    for acts in (ActScheme(), ActScheme(mode="dynamic"), ActScheme(observer="percentile"), ActScheme(symmetric=False)):
         presets[w8.with_(activations=acts).name] = w8.with_(activations=acts)
     return presets
 
 
 PRESETS: dict[str, QuantScheme] = _build_presets()
-# GGUF block types whose grid is a preset's: value = d * (q - zero), d in float16, 32 weights per block
-# (Q4_0: zero 8, Q5_0: 16, Q8_0: 128). The GGUF scheme fits d as llama.cpp does (signed max / -8 for Q4_0,
-# a finer step than w4g32's 2*absmax/15); the checkpoint stores it in the GPTQ layout and the GGUF
-# exporter writes the blocks without re-rounding.
-GGUF_SCHEMES: dict[str, str] = {"q4_0": "w4g32", "q5_0": "w5g32", "q8_0": "w8g32"}
 
 
-def get_scheme(name: str) -> QuantScheme:
-    """Look up a named preset; unknown names fail with the list of known ones."""
+class GGUFSchemeSpec(NamedTuple):
+    bits: int
+    symmetric: bool
+    group_size: int  # weights sharing one (sub-block) scale
+    gptq_layout: bool  # the grid is an integer preset's, so the GPTQ checkpoint layout holds it exactly
+
+
+# Schemes named after GGUF block types: calibration rounds onto llama.cpp's exact block grid
+# (squeeze.exporters.gguf.grid.GGUFGrid) and `squeeze export --to gguf` writes the blocks without re-rounding.
+# Q4_0/Q5_0/Q8_0 are value = d * (q - zero) with one fp16 d per 32 weights: the w4g32/w5g32/w8g32 grids
+# with llama.cpp's finer fit of d, stored in the GPTQ layout. The others carry block mins or quantized
+# sub-block scales (K-quants: 6-bit scales and mins under fp16 super-block scales) and are stored as raw
+# GGUF blocks.
+GGUF_SCHEMES: dict[str, GGUFSchemeSpec] = {
+    "q4_0": GGUFSchemeSpec(4, True, 32, True),
+    "q5_0": GGUFSchemeSpec(5, True, 32, True),
+    "q8_0": GGUFSchemeSpec(8, True, 32, True),
+    "q4_1": GGUFSchemeSpec(4, False, 32, False),
+    "q5_1": GGUFSchemeSpec(5, False, 32, False),
+    "q2_k": GGUFSchemeSpec(2, False, 16, False),
+    "q3_k": GGUFSchemeSpec(3, True, 16, False),
+    "q4_k": GGUFSchemeSpec(4, False, 32, False),
+    "q5_k": GGUFSchemeSpec(5, False, 32, False),
+    "q6_k": GGUFSchemeSpec(6, True, 16, False),
+}
+# llama.cpp's mixed --type names: each layer gets the GGUF type the mix gives it (see GGUFMix).
+GGUF_MIXES: tuple[str, ...] = ("q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m")
+
+
+def gguf_scheme(qtype: str) -> QuantScheme:
+    """The scheme of one GGUF block type (``q4_k`` or ``Q4_K``)."""
+    key = qtype.strip().lower()
+    if key not in GGUF_SCHEMES:
+        raise SqueezeError(f"no scheme for GGUF type {qtype!r}; GGUF schemes: {', '.join(GGUF_SCHEMES)}")
+    spec = GGUF_SCHEMES[key]
+    return QuantScheme(spec.bits, spec.symmetric, "group", spec.group_size, gguf=key)
+
+
+@dataclass(frozen=True)
+class GGUFMix:
+    """A llama.cpp mix (``q4_k_m``) as a scheme: every layer is calibrated on the GGUF type that mix gives it.
+
+    The per-layer types follow `squeeze.exporters.gguf.mixes.choose_type` (llama.cpp's rules, shape
+    fallbacks included); layers the mix keeps in float stay float. `squeeze export --to gguf --type <mix>`
+    of the checkpoint then writes every calibrated layer exactly.
+    """
+
+    mix: str
+    activations: None = None
+
+    def __post_init__(self) -> None:
+        if self.mix not in GGUF_MIXES:
+            raise SqueezeError(f"unknown GGUF mix {self.mix!r}; mixes: {', '.join(GGUF_MIXES)}")
+
+    @property
+    def name(self) -> str:
+        return self.mix
+
+    def to_dict(self) -> dict:
+        return {"name": self.mix, "mix": self.mix}
+
+
+def scheme_from_dict(d: dict) -> "QuantScheme | GGUFMix":
+    """Inverse of ``to_dict`` for a single-grid scheme or a GGUF mix."""
+    return GGUFMix(d["mix"]) if "mix" in d else QuantScheme.from_dict(d)
+
+
+def get_scheme(name: str) -> "QuantScheme | GGUFMix":
+    """Look up a named preset, GGUF type or GGUF mix; unknown names fail with the list of known ones."""
     key = name.strip().lower()
     if key in GGUF_SCHEMES:
-        return PRESETS[GGUF_SCHEMES[key]].with_(gguf=key)
+        return gguf_scheme(key)
+    if key in GGUF_MIXES:
+        return GGUFMix(key)
     if key not in PRESETS:
-        known = ", ".join(sorted(PRESETS) + sorted(GGUF_SCHEMES))
+        known = ", ".join(sorted(PRESETS) + list(GGUF_SCHEMES) + list(GGUF_MIXES))
         raise SqueezeError(f"unknown scheme {name!r}; known schemes: {known}")
     return PRESETS[key]

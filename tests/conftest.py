@@ -71,6 +71,22 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny256(tmp_path_factory) -> Path:
+    """A random Llama whose rows are multiples of 256 (K-quants apply), untied, GQA 2, 2 layers."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    out = tmp_path_factory.mktemp("tiny256")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(DEFAULT_MODEL / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
 def stories_copy_as(tmp_path_factory):
     """The bundled model re-saved in another dtype (float16 / bfloat16)."""
     cache: dict[str, Path] = {}

@@ -8,7 +8,7 @@ from torch import nn
 
 import squeeze
 from squeeze.calib import CalibrationSet
-from squeeze.passes.activations import InputRangeObserver, abs_percentile, calibrate_activation_scales
+from squeeze.passes.activations import InputRangeObserver, abs_percentile, calibrate_input_qparams
 from squeeze.primitives import fake_quant_activation
 from squeeze.scheme import ActScheme
 
@@ -57,9 +57,10 @@ def test_calibrated_scales_follow_layer_inputs(stories_dir):
     layer = model.model.layers[0].self_attn.q_proj
     seen = []
     h = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].abs().max()))
-    scales = calibrate_activation_scales(model, {"q": layer}, CalibrationSet(ids, "test"), ActScheme())
+    qparams = calibrate_input_qparams(model, {"q": layer}, CalibrationSet(ids, "test"), ActScheme())
     h.remove()
-    assert scales["q"].item() == pytest.approx(max(seen).item() / 127)
+    assert qparams["q"].scale.item() == pytest.approx(max(seen).item() / 127)
+    assert qparams["q"].zero_point is None  # symmetric int8: no zero point
 
 
 def test_w8a8_variants_on_the_real_model(stories_dir, short_text, tmp_path):

@@ -62,7 +62,7 @@ def test_scale_search_never_loses_to_identity_and_helps_salient_channels():
     w, x, h = _problem()
     grid = IntGrid(get_scheme("w3g32-asym"))
     identity = float(weighted_error(quantize_rtn(grid, w)[2] - w, h).sum())
-    scales, loss = search_scales([w], [h], x.abs().mean(0), grid, AWQ(scheme=get_scheme("w3g32-asym")))
+    scales, loss = search_scales([w], [h], x.abs().mean(0), [grid], AWQ(scheme=get_scheme("w3g32-asym")))
     # Measured: the search cuts this problem's output error to ~0.6x of identity (RTN).
     assert loss < 0.8 * identity
     assert scales[:4].mean() > scales[4:].mean()  # salient input channels get scaled up

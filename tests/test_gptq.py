@@ -54,9 +54,10 @@ def test_int_grid_rtn_matches_primitives():
     w, _, _ = _layer_problem(1)
     scheme = get_scheme("w4g32-asym")
     codes, params, _ = quantize_rtn(IntGrid(scheme), w)
-    scales, zeros = IntGrid(scheme).layer_qparams(params)
-    ref_codes, ref_scales, ref_zeros, *_ = rtn_codes(w, scheme)
-    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales) and torch.equal(zeros, ref_zeros)
+    qp = IntGrid(scheme).layer_qparams(params, codes, torch.zeros(w.shape[1], dtype=torch.int32))
+    ref = rtn_codes(w, scheme)
+    assert torch.equal(codes, ref.codes)
+    assert torch.equal(qp.scales, ref.qparams.scales) and torch.equal(qp.zeros, ref.qparams.zeros)
 
 
 def test_gptq_values_are_exactly_the_quantlinear_weight():
@@ -66,7 +67,7 @@ def test_gptq_values_are_exactly_the_quantlinear_weight():
     model = torch.nn.Sequential(layer)
     config = GPTQ(scheme=get_scheme("w3g32-asym"), act_order=True)
     result = gptq_quantize(w, h, IntGrid(config.scheme), act_order=True)
-    record = install(model, "0", layer, result, h, config)
+    record = install(model, "0", layer, result, h, config.scheme)
     q = model[0]
     assert isinstance(q, QuantLinear)
     assert torch.equal(q.dequantized_weight(), result.values)

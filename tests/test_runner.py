@@ -70,7 +70,8 @@ def test_runner_gptq_equals_full_model_in_memory(tiny_models):
                 h.remove()
             for n in group:
                 module = ref.get_submodule(n)
-                install(ref, n, module, quantize_linear(module, acc[n].hessian, config), acc[n].hessian, config)
+                result = quantize_linear(module, acc[n].hessian, config, config.scheme)
+                install(ref, n, module, result, acc[n].hessian, config.scheme)
     model = api.load(src)
     api.quantize(model, config, calib)
     for name, layer in model.named_modules():

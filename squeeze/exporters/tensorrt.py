@@ -1,8 +1,9 @@
 """`squeeze export --to tensorrt`: a serialized TensorRT engine built from squeeze's ONNX graph.
 
 fp16: the float graph built with the FP16 flag. int8: a W8A8 checkpoint's explicit QDQ graph
-(activations written as int8 with zero point 0, the only Q/DQ form TensorRT takes). One optimisation
-profile covers every dynamic axis (batch, sequence, past/total sequence). Needs an NVIDIA GPU and the
+(activations written as int8 with zero point 0, the only Q/DQ form TensorRT takes; a checkpoint with
+asymmetric "azp" activations is refused before any work). One optimisation profile covers every
+dynamic axis (batch, sequence, past/total sequence). Needs an NVIDIA GPU and the
 tensorrt package; without either the export stops before any work with one line saying which.
 """
 
@@ -36,6 +37,20 @@ def nvidia_gpu_count() -> int:
             return 0
         return count.value
     return 0
+
+
+def refuse_asymmetric_activations(src: Path) -> None:
+    """One line naming the fix if the checkpoint at ``src`` has asymmetric activations (from squeeze.json)."""
+    from squeeze.checkpoint.gptq import read_metadata
+
+    meta = (read_metadata(src) if src.is_dir() else None) or {}
+    schemes = [meta.get("scheme")] + [r.get("scheme_dict") for r in meta.get("layers", {}).values()]
+    names = sorted({s.get("name", "?") for s in schemes
+                    if isinstance(s, dict) and (s.get("activations") or {}).get("symmetric") is False})
+    if names:
+        raise SqueezeError(f"TensorRT takes int8 activations with zero point 0 only, and {str(src)!r} has asymmetric "
+                           f"activations ({', '.join(names)}: uint8 with a zero point); re-quantize with symmetric "
+                           "activations (--scheme w8a8) for TensorRT, or export this checkpoint --to onnx")
 
 
 def require_tensorrt():
@@ -145,6 +160,7 @@ def export_tensorrt(src: Path, out: Path, config: TensorRTExport, overwrite: boo
 
     if out.suffix.lower() not in ENGINE_SUFFIXES:
         raise SqueezeError(f"TensorRT output must end in {' or '.join(ENGINE_SUFFIXES)}, got {str(out)!r}")
+    refuse_asymmetric_activations(src)
     require_tensorrt()  # before any work
     onnx_type, flags = TRT_TYPES[config.qtype]
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.onnx-", dir=out.parent) as tmp:

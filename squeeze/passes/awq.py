@@ -20,12 +20,12 @@ from torch import nn
 from squeeze.errors import SqueezeError
 from squeeze.grid import WeightGrid, grid_for, quantize_rtn
 from squeeze.model import linear_weight, select_linears
-from squeeze.passes.common import install_rounded
+from squeeze.passes.common import install_rounded, layer_schemes
 from squeeze.passes.gptq_core import HessianAccumulator, output_rel_error
 from squeeze.passes.scaling import fold_scales, mappings_for, relative_names, resolve
 from squeeze.registry import register_pass
 from squeeze.runner import BlockInputs, collect_inputs, run_sequential
-from squeeze.scheme import QuantScheme, get_scheme
+from squeeze.scheme import GGUFMix, QuantScheme, get_scheme
 
 # Layers whose clipping AutoAWQ skips: q/k errors are amplified by the attention softmax.
 NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "c_attn", "query", "key")
@@ -35,7 +35,7 @@ NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "c_attn", "query", "key")
 class AWQ:
     """AWQ settings: ``n_grid`` exponents in [0, 1) for the scale search; ``clip`` enables the clipping search."""
 
-    scheme: QuantScheme = field(default_factory=lambda: get_scheme("w4g128"))
+    scheme: QuantScheme | GGUFMix = field(default_factory=lambda: get_scheme("w4g128"))
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
     n_grid: int = 20
@@ -83,13 +83,14 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int, du
         yield s / (s.max() * s.min()).sqrt()
 
 
-def search_scales(weights, hessians, x_mean, grid: WeightGrid, config: AWQ) -> tuple[torch.Tensor, float]:
-    """The input-channel scales minimising the summed output error of ``weights`` (all fed the same input)."""
-    w_mean = weight_mean(weights, grid.block_size(weights[0].shape[1]))
+def search_scales(weights, hessians, x_mean, grids: list[WeightGrid], config: AWQ) -> tuple[torch.Tensor, float]:
+    """The input-channel scales minimising the summed output error of ``weights`` (all fed the same input;
+    each rounded on its own grid, as a GGUF mix may give q/k and v different types)."""
+    w_mean = weight_mean(weights, grids[0].block_size(weights[0].shape[1]))
     best, best_loss = None, float("inf")
     for s in candidate_scales(x_mean, w_mean, config.n_grid, config.duo_scaling):
         loss = 0.0
-        for w, h in zip(weights, hessians):
+        for w, h, grid in zip(weights, hessians, grids):
             q = quantize_rtn(grid, w * s)[2] / s
             loss += float(weighted_error(q - w, h).sum())
         if loss < best_loss:
@@ -120,8 +121,8 @@ def search_clip(w: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid, max_sh
 # ---- wiring ---------------------------------------------------------------------------
 
 
-def _process_block(model: nn.Module, config: AWQ, mappings):
-    grid = grid_for(config.scheme)
+def _process_block(model: nn.Module, config: AWQ, mappings, schemes: dict[str, QuantScheme]):
+    grids = {n: grid_for(s) for n, s in schemes.items()}
 
     def process(prefix: str, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs) -> dict[str, dict]:
         device = inputs.hidden[0].device
@@ -143,7 +144,7 @@ def _process_block(model: nn.Module, config: AWQ, mappings):
             prev, full = found
             weights = [linear_weight(layers[n]).detach().float() for n in full]
             x_mean = abs_sum[full[0]] / max(acc[full[0]].count, 1)
-            scales, _ = search_scales(weights, [hessian[n] for n in full], x_mean, grid, config)
+            scales, _ = search_scales(weights, [hessian[n] for n in full], x_mean, [grids[n] for n in full], config)
             plans.append((prev, full, scales, mapping.prev_part))
         for prev, full, scales, part in plans:
             fold_scales(prev, [layers[n] for n in full], scales, part)
@@ -155,8 +156,8 @@ def _process_block(model: nn.Module, config: AWQ, mappings):
             w = linear_weight(module).detach().float()
             target = w
             if config.clip and not name.endswith(NO_CLIP_SUFFIXES):
-                target = search_clip(w, hessian[name], grid, config.max_shrink, config.n_grid)
-            rec, values = install_rounded(model, name, module, config.scheme, target)
+                target = search_clip(w, hessian[name], grids[name], config.max_shrink, config.n_grid)
+            rec, values = install_rounded(model, name, module, schemes[name], target)
             rec["output_rel_mse"] = output_rel_error(w, values, hessian[name])
             records[name] = rec
         return records
@@ -166,8 +167,11 @@ def _process_block(model: nn.Module, config: AWQ, mappings):
 
 def apply_awq(model: nn.Module, config: AWQ, calib=None) -> dict[str, dict]:
     layers = select_linears(model, config.targets, config.ignore)
+    schemes = layer_schemes(model, layers, config.scheme)
+    layers = {n: m for n, m in layers.items() if n in schemes}
     mappings = mappings_for(model, "AWQ")
-    return run_sequential(model, layers, calib, _process_block(model, config, mappings), config.device, desc="awq")
+    process = _process_block(model, config, mappings, schemes)
+    return run_sequential(model, layers, calib, process, config.device, desc="awq")
 
 
 register_pass("awq", AWQ, apply_awq, lambda config: True)

@@ -9,30 +9,27 @@ from torch import nn
 
 from squeeze.model import linear_weight, set_submodule
 from squeeze.modules import QuantLinear
-from squeeze.grid import grid_for, quantize_rtn
-from squeeze.primitives import dequantize, group_index
-from squeeze.scheme import QuantScheme
+from squeeze.grid import LayerQParams, grid_for, quantize_rtn
+from squeeze.primitives import group_index
+from squeeze.scheme import GGUFMix, QuantScheme, gguf_scheme
 
 
 class Rounded(NamedTuple):
     codes: torch.Tensor  # uint8 [out, in]
-    scales: torch.Tensor  # [out, n_groups]
-    zeros: torch.Tensor  # [out, n_groups]
-    g_idx: torch.Tensor  # int32 [in]
+    qparams: LayerQParams  # scales, zeros, g_idx (+ offsets and raw blocks on GGUF grids with mins)
     values: torch.Tensor  # float32 [out, in]: what the codes dequantize to
 
 
 def rtn_codes(weight: torch.Tensor, scheme: QuantScheme) -> Rounded:
-    """Round-to-nearest codes, scales, zeros, g_idx and values for a [out, in] weight, on the scheme's grid.
+    """Round-to-nearest codes, layer parameters and values for a [out, in] weight, on the scheme's grid.
 
-    The grid is ``grid_for(scheme)``, as GPTQ and AWQ use: a GGUF-named scheme (q4_0, ...) fits its
+    The grid is ``grid_for(scheme)``, as GPTQ and AWQ use: a GGUF-named scheme (q4_0, q4_k, ...) fits its
     blocks as llama.cpp does.
     """
     grid = grid_for(scheme)
     codes, params, values = quantize_rtn(grid, weight)
-    scales, zeros = grid.layer_qparams(params)
     g_idx = group_index(weight.shape[1], grid.block_size(weight.shape[1]), weight.device)
-    return Rounded(codes, scales, zeros, g_idx, values)
+    return Rounded(codes, grid.layer_qparams(params, codes, g_idx), values)
 
 
 def install_rounded(model: nn.Module, name: str, module: nn.Module, scheme: QuantScheme, weight: torch.Tensor):
@@ -41,16 +38,27 @@ def install_rounded(model: nn.Module, name: str, module: nn.Module, scheme: Quan
     Returns the layer's error record and the rounded values.
     """
     r = rtn_codes(weight, scheme)
-    return replace_with_quant_linear(model, name, module, scheme, r.codes, r.scales, r.zeros, r.g_idx), r.values
+    return replace_with_quant_linear(model, name, module, scheme, r.codes, r.qparams), r.values
 
 
 def replace_with_quant_linear(
-    model: nn.Module, name: str, module: nn.Module, scheme: QuantScheme, codes, scales, zeros, g_idx
+    model: nn.Module, name: str, module: nn.Module, scheme: QuantScheme, codes: torch.Tensor, qp: LayerQParams
 ) -> dict:
     """Install a QuantLinear in place of ``module``; returns the layer's error record."""
     weight = linear_weight(module).detach()
     bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-    layer = QuantLinear.from_codes(codes, scales, zeros, g_idx, scheme, bias, weight.dtype)
-    err = (dequantize(codes, scales, zeros, g_idx) - weight.float()).pow(2).sum()
+    layer = QuantLinear.from_codes(codes, qp.scales, qp.zeros, qp.g_idx, scheme, bias, weight.dtype,
+                                   offsets=qp.offsets, gguf_blocks=qp.blocks)
+    err = (layer.dequantized_weight().float() - weight.float()).pow(2).sum()
     set_submodule(model, name, layer)
     return {"weight_rel_mse": float(err / weight.float().pow(2).sum().clamp(min=1e-30))}
+
+
+def layer_schemes(model: nn.Module, layers: dict[str, nn.Module], scheme) -> dict[str, QuantScheme]:
+    """The grid of each layer: ``scheme`` for all, or per layer for a GGUF mix (layers it keeps float drop out)."""
+    if isinstance(scheme, GGUFMix):
+        from squeeze.exporters.gguf.mixes import layer_types
+
+        types = layer_types(model, list(layers), scheme.mix)
+        return {n: gguf_scheme(t) for n, t in types.items() if t is not None}
+    return {n: scheme for n in layers}

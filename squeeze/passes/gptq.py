@@ -16,18 +16,18 @@ from torch import nn
 from squeeze.errors import SqueezeError
 from squeeze.grid import grid_for
 from squeeze.model import linear_weight, select_linears
-from squeeze.passes.common import replace_with_quant_linear
+from squeeze.passes.common import layer_schemes, replace_with_quant_linear
 from squeeze.passes.gptq_core import GPTQResult, HessianAccumulator, gptq_quantize, output_rel_error
 from squeeze.registry import register_pass
 from squeeze.runner import BlockInputs, collect_inputs, groups_by_shared_input, run_sequential
-from squeeze.scheme import QuantScheme, get_scheme
+from squeeze.scheme import GGUFMix, QuantScheme, get_scheme
 
 
 @dataclass(frozen=True)
 class GPTQ:
     """GPTQ settings. ``damp`` is a fraction of the Hessian's mean diagonal; ``block_size`` the lazy-batch width."""
 
-    scheme: QuantScheme = field(default_factory=lambda: get_scheme("w4g128"))
+    scheme: QuantScheme | GGUFMix = field(default_factory=lambda: get_scheme("w4g128"))
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
     block_size: int = 128
@@ -46,30 +46,31 @@ class GPTQ:
             raise SqueezeError("GPTQ quantizes weights only; for int8 activations use --method smoothquant or rtn")
 
 
-def quantize_linear(module: nn.Module, hessian: torch.Tensor, config: GPTQ) -> GPTQResult:
-    """GPTQ for one layer given its input Hessian."""
+def quantize_linear(module: nn.Module, hessian: torch.Tensor, config: GPTQ, scheme: QuantScheme) -> GPTQResult:
+    """GPTQ for one layer given its input Hessian. GGUF blocks hold contiguous columns, so act-order on a
+    GGUF grid fits its blocks in the original column order (static groups)."""
     return gptq_quantize(
         linear_weight(module).detach(),
         hessian,
-        grid_for(config.scheme),
+        grid_for(scheme),
         block_size=config.block_size,
         damp=config.damp,
         act_order=config.act_order,
-        static_groups=config.static_groups,
+        static_groups=config.static_groups or (config.act_order and scheme.gguf is not None),
     )
 
 
-def install(model: nn.Module, name: str, module: nn.Module, result: GPTQResult, hessian, config: GPTQ) -> dict:
+def install(model: nn.Module, name: str, module: nn.Module, result: GPTQResult, hessian, scheme: QuantScheme) -> dict:
     """Replace ``module`` by a QuantLinear holding GPTQ's codes; returns the layer's record."""
-    scales, zeros = grid_for(config.scheme).layer_qparams(result.params)
+    qp = grid_for(scheme).layer_qparams(result.params, result.codes, result.g_idx)
     weight = linear_weight(module).detach()
-    record = replace_with_quant_linear(model, name, module, config.scheme, result.codes, scales, zeros, result.g_idx)
+    record = replace_with_quant_linear(model, name, module, scheme, result.codes, qp)
     record["output_rel_mse"] = output_rel_error(weight, result.values, hessian)
     record["damp"] = result.damp
     return record
 
 
-def _process_block(model: nn.Module, config: GPTQ):
+def _process_block(model: nn.Module, config: GPTQ, schemes: dict[str, QuantScheme]):
     def process(prefix: str, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs) -> dict[str, dict]:
         groups = groups_by_shared_input(block, inputs, layers) if config.true_sequential else [list(layers)]
         records = {}
@@ -78,8 +79,8 @@ def _process_block(model: nn.Module, config: GPTQ):
             acc = {n: HessianAccumulator(linear_weight(layers[n]).shape[1], device) for n in group}
             collect_inputs(block, inputs, {n: layers[n] for n in group}, lambda n, x: acc[n].add(x))
             for n in group:
-                result = quantize_linear(layers[n], acc[n].hessian, config)
-                records[n] = install(model, n, layers[n], result, acc[n].hessian, config)
+                result = quantize_linear(layers[n], acc[n].hessian, config, schemes[n])
+                records[n] = install(model, n, layers[n], result, acc[n].hessian, schemes[n])
         return records
 
     return process
@@ -87,7 +88,9 @@ def _process_block(model: nn.Module, config: GPTQ):
 
 def apply_gptq(model: nn.Module, config: GPTQ, calib=None) -> dict[str, dict]:
     layers = select_linears(model, config.targets, config.ignore)
-    return run_sequential(model, layers, calib, _process_block(model, config), config.device, desc="gptq")
+    schemes = layer_schemes(model, layers, config.scheme)
+    layers = {n: m for n, m in layers.items() if n in schemes}
+    return run_sequential(model, layers, calib, _process_block(model, config, schemes), config.device, desc="gptq")
 
 
 register_pass("gptq", GPTQ, apply_gptq, lambda config: True)

@@ -8,31 +8,33 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from squeeze.model import linear_weight, select_linears
-from squeeze.passes.activations import calibrate_activation_scales
-from squeeze.passes.common import install_rounded
+from squeeze.passes.activations import calibrate_input_qparams, install_input_qparams
+from squeeze.passes.common import install_rounded, layer_schemes
 from squeeze.registry import register_pass
-from squeeze.scheme import QuantScheme, get_scheme
+from squeeze.scheme import GGUFMix, QuantScheme, get_scheme
 
 
 @dataclass(frozen=True)
 class RTN:
     """Round every targeted Linear's weight to the nearest point of ``scheme``'s grid."""
 
-    scheme: QuantScheme = field(default_factory=lambda: get_scheme("w4g128"))
+    scheme: QuantScheme | GGUFMix = field(default_factory=lambda: get_scheme("w4g128"))
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
 
 
 def apply_rtn(model: nn.Module, config: RTN, calib=None) -> dict[str, dict]:
     layers = select_linears(model, config.targets, config.ignore)
-    act_scales = {}
+    schemes = layer_schemes(model, layers, config.scheme)
+    layers = {n: m for n, m in layers.items() if n in schemes}
+    act_qparams = {}
     if config.scheme.activations is not None and config.scheme.activations.mode == "static":
-        act_scales = calibrate_activation_scales(model, layers, calib, config.scheme.activations)
+        act_qparams = calibrate_input_qparams(model, layers, calib, config.scheme.activations)
     records = {}
     for name, module in tqdm(layers.items(), desc="rtn", unit="layer", leave=False):
-        records[name], _ = install_rounded(model, name, module, config.scheme, linear_weight(module).detach())
-        if name in act_scales:
-            model.get_submodule(name).input_scale = act_scales[name]
+        records[name], _ = install_rounded(model, name, module, schemes[name], linear_weight(module).detach())
+        if name in act_qparams:
+            install_input_qparams(model.get_submodule(name), act_qparams[name])
     return records
 
 

@@ -5,9 +5,10 @@ for Large Language Models" (2022): per input channel j,
 s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); X is divided by s (folded into
 the preceding norm or linear) and W multiplied by it, so the float model is
 unchanged while the activations become easy to quantize. Weights are then
-rounded on the scheme's grid and activations quantized to int8, statically
-(per-tensor scale observed on the smoothed calibration inputs) or dynamically
-(per token), block by block through the sequential runner.
+rounded on the scheme's grid and activations quantized to 8 bits (symmetric int8,
+or uint8 with a zero point for an "azp" scheme), statically (per-tensor qparams
+observed on the smoothed calibration inputs) or dynamically (per token), block by
+block through the sequential runner.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from torch import nn
 
 from squeeze.errors import SqueezeError
 from squeeze.model import linear_weight, select_linears
-from squeeze.passes.activations import InputRangeObserver
+from squeeze.passes.activations import InputRangeObserver, install_input_qparams
 from squeeze.passes.common import install_rounded
 from squeeze.passes.gptq_core import HessianAccumulator, output_rel_error
 from squeeze.passes.scaling import fold_scales, mappings_for, relative_names, resolve
-from squeeze.primitives import act_scale_from_absmax
 from squeeze.registry import register_pass
 from squeeze.runner import BlockInputs, collect_inputs, run_sequential
 from squeeze.scheme import QuantScheme, get_scheme
@@ -90,7 +90,7 @@ def _process_block(model: nn.Module, config: SmoothQuant, mappings):
             w = linear_weight(module).detach().float()
             rec, values = install_rounded(model, name, module, config.scheme, w)
             if acts.mode == "static":
-                model.get_submodule(name).input_scale = act_scale_from_absmax(ranges[name].absmax())
+                install_input_qparams(model.get_submodule(name), ranges[name].qparams())
             rec["output_rel_mse"] = output_rel_error(w, values, acc[name].hessian)  # weight rounding only
             records[name] = rec
         return records

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,27 +30,9 @@ def llama_quantize(src: Path, out: Path, mix: str) -> Path:
     from squeeze.eval.llamacpp import quiet_stderr
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = MIXES[mix].ftype, 1
+    params.ftype, params.nthread, params.pure = MIXES[mix].ftype, 1, MIXES[mix].pure
     with quiet_stderr():
         assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny256(tmp_path_factory) -> Path:
-    """A random Llama whose rows are multiples of 256 (K-quants apply), untied, GQA 2, 2 layers."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from squeeze.resources import DEFAULT_MODEL
-
-    out = tmp_path_factory.mktemp("tiny256")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(DEFAULT_MODEL / name, out / name)
     return out
 
 

@@ -27,6 +27,7 @@ from squeeze.exporters.gguf.source import ModelSource, exact_type
 from squeeze.exporters.gguf.verify import VerifySettings, verify_gguf
 from squeeze.exporters.gguf.vocab import Vocab, add_vocab, read_vocab
 from squeeze.fsutil import atomic_output_file
+from squeeze.scheme import GGUFMix
 
 log = logging.getLogger("squeeze")
 GGML_QUANTIZATION_VERSION = 2
@@ -57,16 +58,25 @@ def _hf_config(model_dir: Path):
     return cfg
 
 
-def resolve_mix(qtype: str | None, source: ModelSource) -> Mix:
-    """--type, or for a checkpoint without one the type that stores its grid exactly."""
+def resolve_mix(qtype: str | None, source: ModelSource, spec: ArchSpec, hp: Hparams) -> Mix:
+    """--type, or for a checkpoint without one: its GGUF mix, else the first mix storing its grid that writes
+    every calibrated layer exactly (Q4_K layers under q4_k_s may be asked to be Q5_K: then q4_k_m)."""
     if qtype is not None or source.scheme is None:
         return get_mix(qtype)
+    if isinstance(source.scheme, GGUFMix):
+        return get_mix(source.scheme.mix)
     grid = exact_type(source.scheme)
     if grid is None:
         raise SqueezeError(f"no GGUF type stores the checkpoint's {source.scheme.name} grid exactly; pass --type "
                            "and --requantize to re-round it (or quantize with a GGUF scheme such as --scheme q4_0)")
-    return get_mix(matching_mixes(grid)[0])
-
+    candidates = [get_mix(m) for m in matching_mixes(grid)]
+    for mix in candidates:
+        try:
+            plan_tensors(source, spec, hp, mix, requantize=False)
+            return mix
+        except SqueezeError:
+            continue
+    return candidates[0]  # planning it again raises the refusal that names what to do
 
 def write_gguf(path: Path, spec: ArchSpec, hp: Hparams, mix: Mix, vocab: Vocab, plans: list[TensorPlan],
                source: ModelSource) -> None:
@@ -126,7 +136,7 @@ def export_gguf(src: Path, out: Path, config: GGUFExport, overwrite: bool = Fals
     spec = get_arch(getattr(cfg, "model_type", None))
     hp = read_hparams(cfg)
     source = ModelSource(model_dir)
-    mix = resolve_mix(config.qtype, source)
+    mix = resolve_mix(config.qtype, source, spec, hp)
     plans = plan_tensors(source, spec, hp, mix, config.requantize)
     vocab = read_vocab(model_dir, hp.vocab_size, spec.bpe_pre)
     notes = _notes(mix, plans, source)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from squeeze.errors import SqueezeError
-from squeeze.exporters.gguf.codecs import QuantizedBlocks, get_format, group_params, quantize_blocks
+from squeeze.exporters.gguf.codecs import QuantizedBlocks, get_format, group_params, pack, quantize_blocks
+from squeeze.grid import LayerQParams
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,24 @@ class GGUFGrid:
         bias = params.bias[:, groups] if params.bias is not None else 0.0
         return q.to(torch.uint8), params.step[:, groups] * (q - fmt.zero) + bias
 
-    def layer_qparams(self, params: list[BlockParams]) -> tuple[torch.Tensor, torch.Tensor]:
-        """QuantLinear's scales/zeros [rows, n_blocks]: exact for the symmetric legacy types (d, fixed zero)."""
+    def layer_qparams(self, params: list[BlockParams], codes: torch.Tensor, g_idx: torch.Tensor) -> LayerQParams:
+        """QuantLinear's parameters. Q4_0/Q5_0/Q8_0: d per block with the fixed zero (the GPTQ layout holds
+        them; act-order g_idx passes through). Other types: per (sub-)group step, zero and bias, plus the raw
+        blocks; their columns must sit in their own blocks (GPTQ act-order needs static groups here)."""
         fmt = get_format(self.qtype)
-        if fmt.has_min or fmt.n_groups != 1:
-            raise SqueezeError(f"checkpoints store {self.qtype} blocks only in GGUF form, which is not "
-                               "implemented yet; use the q4_0 / q5_0 / q8_0 schemes")
-        scales = torch.stack([p.step[:, 0] for p in params], 1)
-        return scales, torch.full_like(scales, float(fmt.zero))
+        if not (fmt.has_min or fmt.n_groups != 1):
+            scales = torch.stack([p.step[:, 0] for p in params], 1)
+            return LayerQParams(scales, torch.full_like(scales, float(fmt.zero)), g_idx)
+        cols = codes.shape[1]
+        own = torch.arange(cols, device=g_idx.device) // fmt.block_size
+        if not torch.equal(g_idx.long(), own):
+            raise SqueezeError(f"{self.qtype} blocks hold contiguous columns; these codes were fitted on permuted "
+                               "groups (GPTQ act-order without static groups)")
+        raw = torch.from_numpy(pack(self.blocks(params, codes)).reshape(codes.shape[0], -1))
+        step = torch.cat([p.step for p in params], 1)
+        bias = torch.cat([p.bias for p in params], 1) if params[0].bias is not None else None
+        sub = (torch.arange(cols, device=g_idx.device) // fmt.group_size).to(torch.int32)
+        return LayerQParams(step, torch.full_like(step, float(fmt.zero)), sub, bias, raw.to(codes.device))
 
     def blocks(self, params: list[BlockParams], codes: torch.Tensor) -> QuantizedBlocks:
         """The layer's blocks (rows, n_blocks, ...) with the calibrated ``codes`` [rows, cols] (original order)."""

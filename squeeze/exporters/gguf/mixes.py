@@ -7,6 +7,8 @@ dense (non-MoE, non-Falcon, non-70B) model without an importance matrix:
 * The output matrix (or, with tied embeddings, token_embd, which llama.cpp then treats as the output)
   becomes Q6_K (Q8_0 for q8_0 and when its rows do not split into blocks of the default type).
 * _S/_M/_L mixes raise attn_v / ffn_down / attn_output in some layers (`_bump`).
+* Pure K types (``q3_k``, ``q4_k``, ``q5_k``: llama-quantize's ``--pure``) write every 2-D weight, output
+  and token_embd included, in the one type: the export of a checkpoint calibrated on that single grid.
 * Rows that do not split into blocks fall back: Q2_K/Q3_K -> Q4_0 (llama.cpp master; older releases
   chose IQ4_NL, which squeeze does not write), Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and F16 when
   even that does not fit (llama.cpp refuses legacy types there; squeeze writes F16 and says so).
@@ -27,6 +29,7 @@ class Mix:
     name: str
     ftype: int  # enum llama_ftype (general.file_type)
     default: str  # ggml type name
+    pure: bool = False  # every weight in ``default`` (llama-quantize --pure), no per-tensor bumps
 
 
 MIXES: dict[str, Mix] = {m.name: m for m in (
@@ -47,6 +50,9 @@ MIXES: dict[str, Mix] = {m.name: m for m in (
     Mix("q5_k_s", 16, "Q5_K"),
     Mix("q5_k_m", 17, "Q5_K"),
     Mix("q6_k", 18, "Q6_K"),
+    Mix("q3_k", 12, "Q3_K", pure=True),
+    Mix("q4_k", 15, "Q4_K", pure=True),
+    Mix("q5_k", 17, "Q5_K", pure=True),
 )}
 
 FALLBACKS: dict[str, str] = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
@@ -120,7 +126,9 @@ def choose_type(mix: Mix, gguf_name: str, shape: tuple[int, ...], layer: int, n_
     cat = category(gguf_name)
     cols = shape[-1]
     wanted = mix.default
-    if cat == "output" or (tied and cat == "token_embd"):
+    if mix.pure:
+        pass
+    elif cat == "output" or (tied and cat == "token_embd"):
         if not fits(mix.default, cols):
             wanted = "Q8_0"
         elif mix.default != "Q8_0":
@@ -128,3 +136,36 @@ def choose_type(mix: Mix, gguf_name: str, shape: tuple[int, ...], layer: int, n_
     elif cat != "token_embd":
         wanted = _bump(mix.name, cat, layer, n_layer, n_gqa) or mix.default
     return fallback(wanted, cols), wanted
+
+
+def layer_types(model, names: list[str], mix_name: str) -> dict[str, str | None]:
+    """The GGUF type `--type mix_name` gives each Linear ``names`` of a Hugging Face ``model`` (None: float).
+
+    This is how ``--scheme q4_k_m`` calibrates every layer on the grid the exporter will write it in.
+    """
+    from squeeze.exporters.gguf.arch import get_arch, gguf_name, read_hparams
+
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise SqueezeError(f"the GGUF mix {mix_name!r} assigns types by llama.cpp tensor names; it needs a "
+                           "Hugging Face model with a config (use a single GGUF type such as q4_k instead)")
+    spec, hp = get_arch(getattr(cfg, "model_type", None)), read_hparams(cfg)
+    mix = get_mix(mix_name)
+    out: dict[str, str | None] = {}
+    for name in names:
+        hf = name + ".weight"
+        gname = gguf_name(spec, hf)
+        if gname is None:
+            raise SqueezeError(f"{name} has no llama.cpp tensor name in the {spec.gguf_arch} layout; "
+                               f"the GGUF mix {mix_name!r} cannot place it (--ignore it)")
+        shape = tuple(model.get_submodule(name).weight.shape)
+        qtype, _ = choose_type(mix, gname, shape, layer_index(gname), hp.n_layer, hp.n_head // hp.n_head_kv,
+                               hp.tie_embeddings)
+        out[name] = None if FORMATS[qtype].is_float else qtype
+    return out
+
+
+def layer_index(gguf_tensor: str) -> int:
+    """The block number of ``blk.N.*`` tensors, -1 for the rest."""
+    parts = gguf_tensor.split(".")
+    return int(parts[1]) if parts[0] == "blk" else -1

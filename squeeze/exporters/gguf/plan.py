@@ -14,8 +14,8 @@ import numpy as np
 from squeeze.errors import SqueezeError
 from squeeze.exporters.gguf.arch import ArchSpec, Hparams, gguf_name, qk_heads, qk_row_order
 from squeeze.exporters.gguf.codecs import FORMATS, get_codec, pack
-from squeeze.exporters.gguf.mixes import MIXES, Mix, choose_type
-from squeeze.exporters.gguf.source import ModelSource, QuantLayer, contiguous_groups, exact_blocks, exact_type
+from squeeze.exporters.gguf.mixes import MIXES, Mix, choose_type, layer_index
+from squeeze.exporters.gguf.source import BlockLayer, ModelSource, QuantLayer, contiguous_groups, exact_blocks, exact_type
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,9 @@ class TensorPlan:
         return rows * self.shape[-1] // fmt.block_size * fmt.type_size
 
 
-def _layer_index(name: str) -> int:
-    m = re.match(r"blk\.(\d+)\.", name)
-    return int(m.group(1)) if m else -1
-
-
 def _order(name: str) -> tuple:
     """token_embd first, then blocks in order, then output_norm/output (llama.cpp's converter order)."""
-    i = _layer_index(name)
+    i = layer_index(name)
     return (0 if name.startswith("token_embd") else 1 if i >= 0 else 2, i, name)
 
 
@@ -51,7 +46,9 @@ def matching_mixes(qtype: str) -> list[str]:
     return [m.name for m in MIXES.values() if m.default == qtype]
 
 
-def _checkpoint_grid(layer: QuantLayer) -> str | None:
+def _checkpoint_grid(layer: QuantLayer | BlockLayer) -> str | None:
+    if isinstance(layer, BlockLayer):
+        return layer.qtype
     t = exact_type(layer.scheme)
     return t if t is not None and contiguous_groups(layer.g_idx, 32) else None
 
@@ -64,7 +61,7 @@ def plan_tensors(source: ModelSource, spec: ArchSpec, hp: Hparams, mix: Mix, req
         name = gguf_name(spec, hf_name)
         if name is None or (hp.tie_embeddings and name == "output.weight"):
             continue
-        qtype, wanted = choose_type(mix, name, shape, _layer_index(name), hp.n_layer, n_gqa, hp.tie_embeddings)
+        qtype, wanted = choose_type(mix, name, shape, layer_index(name), hp.n_layer, n_gqa, hp.tie_embeddings)
         heads = qk_heads(spec, name, hp.n_head, hp.n_head_kv)
         exact = requantized = False
         layer = source.quant_layer(hf_name) if hf_name.endswith(".weight") else None
@@ -84,7 +81,7 @@ def plan_tensors(source: ModelSource, spec: ArchSpec, hp: Hparams, mix: Mix, req
     return plans
 
 
-def _grid_refusal(hf_name: str, layer: QuantLayer, grid: str | None, name: str, qtype: str) -> str:
+def _grid_refusal(hf_name: str, layer: QuantLayer | BlockLayer, grid: str | None, name: str, qtype: str) -> str:
     what = f"the checkpoint's {layer.scheme.name} grid"
     if grid is None:
         why = ("act-order (non-contiguous) groups" if exact_type(layer.scheme) else "no GGUF block type stores it")
@@ -92,7 +89,9 @@ def _grid_refusal(hf_name: str, layer: QuantLayer, grid: str | None, name: str, 
     else:
         match = f"it is stored exactly by {grid} (--type {' / '.join(matching_mixes(grid))})"
     return (f"{what} differs from {qtype}, which --type asks for {name} ({hf_name}); {match}. "
-            "Pass a matching --type, or --requantize to re-round the calibrated weights (loses calibration)")
+            "Pass a matching --type, quantize with the mix itself as the scheme (e.g. --scheme q4_k_m) so each "
+            "layer is calibrated on the type the mix gives it, or --requantize to re-round the calibrated "
+            "weights (loses calibration)")
 
 
 def _permute(x: np.ndarray, heads: int | None) -> np.ndarray:
@@ -103,6 +102,8 @@ def tensor_bytes(plan: TensorPlan, source: ModelSource) -> np.ndarray:
     """The bytes of one tensor as stored in the file (uint8, row-major)."""
     if plan.exact:
         layer = source.quant_layer(plan.hf_name)
+        if isinstance(layer, BlockLayer):  # the calibrated blocks as they are (q/k rows reordered whole)
+            return _permute(layer.raw, plan.heads).reshape(-1)
         rows = qk_row_order(layer.codes.shape[0], plan.heads) if plan.heads else slice(None)
         layer = QuantLayer(layer.codes[rows], layer.scales[rows], layer.zeros[rows], layer.g_idx, layer.scheme)
         return pack(exact_blocks(layer, plan.qtype)).reshape(-1)

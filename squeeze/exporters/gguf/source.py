@@ -15,12 +15,24 @@ import numpy as np
 import torch
 
 from squeeze.errors import SqueezeError
-from squeeze.exporters.gguf.codecs import QuantizedBlocks, get_format
+from squeeze.exporters.gguf.codecs import QuantizedBlocks, get_codec, get_format
 from squeeze.scheme import QuantScheme
 
 # A checkpoint grid -> the GGUF type whose blocks hold it exactly: (bits, symmetric) at group size 32.
 EXACT_TYPES: dict[tuple[int, bool], str] = {(4, True): "Q4_0", (5, True): "Q5_0", (8, True): "Q8_0",
                                             (4, False): "Q4_1", (5, False): "Q5_1"}
+
+
+@dataclass(frozen=True)
+class BlockLayer:
+    """A checkpoint layer stored as GGUF blocks (``raw`` uint8 [out, bytes per row] of type ``qtype``)."""
+
+    raw: np.ndarray
+    qtype: str
+    scheme: QuantScheme
+
+    def dequantize(self) -> np.ndarray:
+        return get_codec(self.qtype).dequantize(self.raw)
 
 
 @dataclass(frozen=True)
@@ -38,8 +50,12 @@ class QuantLayer:
         return (self.codes.astype(np.float32) - z) * s
 
 
-def exact_type(scheme: QuantScheme) -> str | None:
+def exact_type(scheme) -> str | None:
     """The GGUF type that stores ``scheme``'s grid exactly (codes and scales as they are), if any."""
+    if not isinstance(scheme, QuantScheme):  # a GGUF mix: several types
+        return None
+    if scheme.gguf is not None:
+        return scheme.gguf.upper()
     if scheme.granularity != "group" or scheme.group_size != 32:
         return None
     return EXACT_TYPES.get((scheme.bits, scheme.symmetric))
@@ -90,10 +106,9 @@ class ModelSource:
             from squeeze.checkpoint import gptq as ckpt
 
             self.scheme = ckpt.scheme_from_quantization_config(self.quantization_config)
-            meta = ckpt.read_metadata(model_dir) or {}
-            self.layer_schemes = {n: QuantScheme.from_dict(r["scheme_dict"])
-                                  for n, r in meta.get("layers", {}).items() if "scheme_dict" in r}
+            self.layer_schemes = ckpt.read_layer_schemes(model_dir)
         self.quantized = {k[: -len(".qweight")] for k in self._where if k.endswith(".qweight")}
+        self.block_layers = {k[: -len(".gguf_blocks")] for k in self._where if k.endswith(".gguf_blocks")}
 
     def _shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._where[key].get_slice(key).get_shape())
@@ -103,6 +118,14 @@ class ModelSource:
         out = []
         for key in self._where:
             prefix = key.rsplit(".", 1)[0]
+            if prefix in self.block_layers:
+                if key.endswith(".gguf_blocks"):
+                    fmt = get_format(self._block_scheme(prefix).gguf.upper())
+                    rows, nbytes = self._shape(key)
+                    out.append((prefix + ".weight", (rows, nbytes // fmt.type_size * fmt.block_size)))
+                elif key.endswith(".bias"):
+                    out.append((key, self._shape(key)))
+                continue
             if prefix in self.quantized:
                 if key.endswith(".qweight"):
                     rows, cols = self._shape(prefix + ".scales")[1], self._shape(prefix + ".g_idx")[0]
@@ -116,9 +139,19 @@ class ModelSource:
     def _get(self, key: str) -> torch.Tensor:
         return self._where[key].get_tensor(key)
 
-    def quant_layer(self, hf_name: str) -> QuantLayer | None:
+    def _block_scheme(self, prefix: str) -> QuantScheme:
+        scheme = self.layer_schemes.get(prefix, self.scheme)
+        if not isinstance(scheme, QuantScheme) or not scheme.gguf_blocks:
+            raise SqueezeError(f"checkpoint layer {prefix!r} is stored as GGUF blocks but squeeze.json gives it no "
+                               "GGUF block type")
+        return scheme
+
+    def quant_layer(self, hf_name: str) -> QuantLayer | BlockLayer | None:
         """The integers of a quantized layer (by its ``.weight`` name); None for a float tensor."""
         prefix = hf_name[: -len(".weight")] if hf_name.endswith(".weight") else None
+        if prefix in self.block_layers:
+            scheme = self._block_scheme(prefix)
+            return BlockLayer(self._get(prefix + ".gguf_blocks").numpy(), scheme.gguf.upper(), scheme)
         if prefix not in self.quantized:
             return None
         from squeeze.primitives import unpack_rows

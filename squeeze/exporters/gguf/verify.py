@@ -34,12 +34,13 @@ def reference_weights(plans: list[TensorPlan], source) -> dict[str, torch.Tensor
     disagree with this reference (row permutation commutes with row-wise block quantization).
     """
     from squeeze.exporters.gguf.codecs import dequantize_blocks
-    from squeeze.exporters.gguf.source import exact_blocks
+    from squeeze.exporters.gguf.source import BlockLayer, exact_blocks
 
     out = {}
     for p in plans:
         if p.exact:
-            x = dequantize_blocks(exact_blocks(source.quant_layer(p.hf_name), p.qtype))
+            layer = source.quant_layer(p.hf_name)
+            x = layer.dequantize() if isinstance(layer, BlockLayer) else dequantize_blocks(exact_blocks(layer, p.qtype))
         else:
             codec = get_codec(p.qtype)
             x = codec.dequantize(codec.quantize(source.float_tensor(p.hf_name)))

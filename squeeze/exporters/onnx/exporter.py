@@ -1,10 +1,11 @@
 """`squeeze export --to onnx`: trace with torch.onnx (TorchScript exporter), carry squeeze's integers, verify.
 
 Float models export at fp32 or fp16. A squeeze checkpoint keeps its own quantization: 8-bit
-per-channel (with calibrated static int8 activations) becomes QDQ, group-wise 2/4/8-bit weight-only
-becomes com.microsoft MatMulNBits. The file is written in a temporary directory, checked with
-onnx.checker, run in onnxruntime against squeeze's torch model of the same weights, and only then
-moved into place (with its external data file when the weights exceed the protobuf limit).
+per-channel (with calibrated static 8-bit activations, symmetric or with a zero point) becomes QDQ,
+group-wise 2/4/8-bit weight-only becomes com.microsoft MatMulNBits. The file is written in a temporary
+directory, checked with onnx.checker, run in onnxruntime against squeeze's torch model of the same
+weights, and only then moved into place (with its external data file when the weights exceed the
+protobuf limit).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class ONNXExport:
     kv_cache: bool = False
     opset: int = DEFAULT_OPSET
     external_data: bool | None = None  # None: only when the weights exceed EXTERNAL_DATA_THRESHOLD
-    act_encoding: str = "uint8"  # static int8 activations as uint8/128 (onnxruntime) or int8/0 (TensorRT)
+    # symmetric static int8 activations as uint8/128 (onnxruntime) or int8/0 (TensorRT); asymmetric ones are
+    # always uint8 with their calibrated zero point
+    act_encoding: str = "uint8"
 
     def __post_init__(self) -> None:
         from squeeze.exporters.onnx.qdq import ACT_ENCODINGS

@@ -56,14 +56,15 @@ def lowering_for(layer: QuantLinear) -> str:
 def lower_quant_linears(model: nn.Module, dtype: torch.dtype, act_encoding: str = "uint8") -> dict[str, int]:
     """Replace every QuantLinear in place by its ONNX-emitting stand-in; returns a count per lowering.
 
-    ``act_encoding`` (qdq.ACT_ENCODINGS): how static int8 activations are written (uint8/128 or int8/0).
+    ``act_encoding`` (qdq.ACT_ENCODINGS): how symmetric static int8 activations are written (uint8/128 or
+    int8/0); asymmetric ones keep their uint8 zero point and are refused for int8/0.
     """
     counts: dict[str, int] = {}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name, layer in layers:
         kind = lowering_for(layer)
         check, cls = LOWERINGS[kind]
-        check(layer, name)
+        check(layer, name, act_encoding) if kind == "qdq" else check(layer, name)
         set_submodule(model, name, cls(layer, dtype, act_encoding) if kind == "qdq" else cls(layer, dtype))
         counts[kind] = counts.get(kind, 0) + 1
     return counts

@@ -71,6 +71,9 @@ def unpack_zero_points(packed: torch.Tensor, bits: int, n: int, n_blocks: int) -
 def check_matmulnbits(layer: QuantLinear, name: str) -> None:
     """Raise (with how to fix it) if ``layer`` cannot be written as MatMulNBits exactly."""
     s = layer.scheme
+    if layer.gguf_blocks is not None:
+        raise SqueezeError(f"{name}: the {s.name} grid (GGUF blocks with sub-block scales or mins) has no "
+                           "MatMulNBits form; export it with --to gguf, or quantize with q4_0 / w4g32 for ONNX")
     if s.granularity != "group":
         raise SqueezeError(f"{name}: MatMulNBits needs group-wise weights, the checkpoint is {s.granularity}-wise")
     if s.bits not in SUPPORTED_BITS:

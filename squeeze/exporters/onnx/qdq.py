@@ -9,7 +9,9 @@ Activations use squeeze's calibrated per-tensor ``input_scale`` (never recompute
 symmetric int8 activation round(x/s) clamped to [-128, 127] is written for onnxruntime as uint8 with
 zero point 128: clamp(round(x/s) + 128, 0, 255) is the same value shifted by 128, so the graph computes
 exactly squeeze's numbers while onnxruntime uses its fast u8 x s8 kernels. For TensorRT (int8 Q/DQ
-with zero point 0 only) it is written as int8 with zero point 0.
+with zero point 0 only) it is written as int8 with zero point 0. Asymmetric ("azp") activations are
+uint8 with the calibrated ``input_zero_point`` written as it is (onnxruntime's own QDQ form); TensorRT
+cannot take them.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from torch import nn
 
 from squeeze.errors import SqueezeError
 from squeeze.modules import QuantLinear
-from squeeze.primitives import ACT_QMAX
 
 # activation encoding -> (zero point dtype, zero point): both give exactly squeeze's symmetric int8.
 # onnxruntime's fast CPU kernels want u8 activations; TensorRT takes only int8 with zero point 0.
+# Asymmetric activations keep their own uint8 zero point and have only the "uint8" encoding.
 ACT_ENCODINGS: dict[str, tuple[torch.dtype, int]] = {"uint8": (torch.uint8, 128), "int8": (torch.int8, 0)}
 
 
-def check_qdq(layer: QuantLinear, name: str) -> None:
+def check_qdq(layer: QuantLinear, name: str, act_encoding: str = "uint8") -> None:
     """Raise (with how to fix it) if ``layer`` cannot be written as per-channel int8 QDQ exactly."""
     s = layer.scheme
     if s.bits != 8 or s.granularity == "group":
@@ -37,6 +39,13 @@ def check_qdq(layer: QuantLinear, name: str) -> None:
         raise SqueezeError(f"{name}: dynamic per-token activations have no QDQ form; quantize with --act static")
     if acts is not None and layer.input_scale is None:
         raise SqueezeError(f"{name}: static activations but no calibrated input_scale in the checkpoint")
+    if acts is not None and not acts.symmetric:
+        if layer.input_zero_point is None:
+            raise SqueezeError(f"{name}: asymmetric activations but no calibrated input_zero_point in the checkpoint")
+        if ACT_ENCODINGS[act_encoding][0] != torch.uint8:
+            raise SqueezeError(f"{name}: asymmetric activations ({s.name}, uint8 with a zero point) cannot be "
+                               f"written as {act_encoding} with zero point 0, the only form TensorRT takes; "
+                               "re-quantize with symmetric activations (--scheme w8a8) for TensorRT")
 
 
 def weight_tensors(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,6 +97,8 @@ class QDQLinear(nn.Module):
         static = layer.scheme.activations is not None
         self.register_buffer("input_scale", layer.input_scale.detach().cpu().float().reshape(()) if static else None)
         zp_dtype, zp = ACT_ENCODINGS[act_encoding]
+        if layer.input_zero_point is not None:  # asymmetric: the calibrated zero point, exactly
+            zp_dtype, zp = torch.uint8, int(layer.input_zero_point)
         self.register_buffer("input_zero_point", torch.tensor(zp, dtype=zp_dtype) if static else None)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float(), requires_grad=False)
 
@@ -96,7 +107,3 @@ class QDQLinear(nn.Module):
                                self.weight_q, self.weight_scale, self.weight_zero_point)
         return y if self.bias is None else y + self.bias
 
-
-def reference_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """squeeze's own static int8 activation, for tests: round(x/s) clamped to [-128, 127], times s."""
-    return torch.clamp(torch.round(x / scale), -ACT_QMAX - 1, ACT_QMAX) * scale
