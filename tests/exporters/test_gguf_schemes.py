@@ -187,3 +187,12 @@ def test_block_checkpoint_to_onnx_is_refused_in_one_line(tiny256, tmp_path):
         api.export(ckpt, "onnx", tmp_path / "m.onnx")
     assert main(["export", str(ckpt), "--to", "onnx", "-o", str(tmp_path / "m.onnx")]) == 2
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_mix_scheme_round_trips_through_a_recipe():
+    from squeeze.recipe import Recipe
+
+    recipe = Recipe((squeeze.GPTQ(scheme=get_scheme("q4_k_m")),))
+    again = Recipe.from_dict(json.loads(json.dumps(recipe.to_dict())))
+    assert again.passes[0].scheme == GGUFMix("q4_k_m")
+    assert Recipe.from_dict({"passes": [{"method": "awq", "scheme": "q5_k"}]}).passes[0].scheme == get_scheme("q5_k")
