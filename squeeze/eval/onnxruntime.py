@@ -29,6 +29,10 @@ def open_session(path: Path, threads: int | None = None):
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # onnxruntime fuses INT4 DequantizeLinear -> MatMul (the dq-block graphs) into MatMulNBits; at its default
+    # accuracy level it rounds activations to int8 on the fly. 0 dequantizes to float, as squeeze's own
+    # MatMulNBits nodes (accuracy_level 0) do, so the graph computes the checkpoint's numbers.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:

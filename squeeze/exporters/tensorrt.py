@@ -2,9 +2,12 @@
 
 fp16: the float graph built with the FP16 flag. int8: a W8A8 checkpoint's explicit QDQ graph
 (activations written as int8 with zero point 0, the only Q/DQ form TensorRT takes; a checkpoint with
-asymmetric "azp" activations is refused before any work). One optimisation profile covers every
-dynamic axis (batch, sequence, past/total sequence). Needs an NVIDIA GPU and the
-tensorrt package; without either the export stops before any work with one line saying which.
+asymmetric "azp" activations is refused before any work). int4: a 4-bit symmetric group-wise checkpoint
+(w4g64 / w4g128) as INT4 weight-only, the weights written as blocked INT4 DequantizeLinear -> MatMul
+(onnx/dqblock.py cites TensorRT's constraints); grids TensorRT cannot take are refused before any work.
+One optimisation profile covers every dynamic axis (batch, sequence, past/total sequence). Needs an
+NVIDIA GPU and the tensorrt package; without either the export stops before any work with one line
+saying which.
 """
 
 from __future__ import annotations
@@ -13,15 +16,32 @@ import ctypes
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from squeeze.errors import SqueezeError, VerificationError
 from squeeze.exporters import Artifact
 
-# --type -> (ONNX float type the graph is traced in, TensorRT builder flags)
-TRT_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "fp16": ("fp32", ("FP16",)),
-    "int8": ("fp32", ("FP16", "INT8")),
+
+class TRTType(NamedTuple):
+    """How one --type is built: the ONNX graph it starts from and the TensorRT builder flags."""
+
+    onnx_type: str  # float type the graph is traced in
+    flags: tuple[str, ...]  # tensorrt.BuilderFlag names
+    int4_encoding: str = "matmulnbits"  # ONNXExport.int4_encoding
+    lowering: str | None = None  # the lowering the graph must contain (the checkpoint must be quantized so)
+
+
+TRT_TYPES: dict[str, TRTType] = {
+    "fp16": TRTType("fp32", ("FP16",)),
+    "int8": TRTType("fp32", ("FP16", "INT8"), lowering="qdq"),
+    # INT4 weight-only: FP16 kernels around the INT4 weights; BuilderFlag.INT4 (TensorRT 10+) enables int4
+    "int4": TRTType("fp32", ("FP16", "INT4"), int4_encoding="dq-block", lowering="dq-block"),
 }
+# TensorRT's INT4 block sizes ("Quantization Schemes" in the TensorRT docs; see onnx/dqblock.py)
+TRT_INT4_BLOCK_SIZES = (64, 128)
+# what --type needs from the checkpoint, for the one-line refusal
+TYPE_NEEDS = {"int8": "a W8A8 checkpoint (squeeze quantize --scheme w8a8)",
+              "int4": "a 4-bit symmetric group-wise checkpoint (squeeze quantize --scheme w4g128)"}
 ENGINE_SUFFIXES = (".plan", ".engine")
 
 
@@ -51,6 +71,35 @@ def refuse_asymmetric_activations(src: Path) -> None:
         raise SqueezeError(f"TensorRT takes int8 activations with zero point 0 only, and {str(src)!r} has asymmetric "
                            f"activations ({', '.join(names)}: uint8 with a zero point); re-quantize with symmetric "
                            "activations (--scheme w8a8) for TensorRT, or export this checkpoint --to onnx")
+
+
+def refuse_int4_grids(src: Path) -> None:
+    """One line naming the fix if a layer recorded in ``src``'s squeeze.json cannot be TensorRT INT4 weight-only."""
+    from squeeze.checkpoint.gptq import read_layer_schemes
+    from squeeze.exporters.onnx.dqblock import check_int4_scheme
+
+    for name, scheme in (read_layer_schemes(src) if src.is_dir() else {}).items():
+        check_int4_scheme(scheme, name, TRT_INT4_BLOCK_SIZES)
+
+
+def check_int4_blocks(onnx_path: Path) -> None:
+    """Every blocked DequantizeLinear in the graph uses a block size TensorRT takes (a layer narrower than
+    its group size gets a smaller block than its scheme names)."""
+    import onnx
+
+    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+        size = next((a.i for a in node.attribute if a.name == "block_size"), None)
+        if node.op_type == "DequantizeLinear" and size is not None and size not in TRT_INT4_BLOCK_SIZES:
+            raise SqueezeError(f"{node.input[0]}: TensorRT's INT4 block size must be 64 or 128, this layer's group "
+                               f"is {size} columns wide; re-quantize with --scheme w4g64 (or quantize it in float)")
+
+
+def require_builder_flags(trt, flags: tuple[str, ...]) -> None:
+    """One line if the installed TensorRT lacks a builder flag --type needs (INT4 arrived in TensorRT 10)."""
+    missing = [f for f in flags if not hasattr(trt.BuilderFlag, f)]
+    if missing:
+        raise SqueezeError(f"the installed TensorRT {getattr(trt, '__version__', '?')} has no builder flag "
+                           f"{', '.join(missing)}; INT4 weight-only engines need TensorRT 10 or newer")
 
 
 def require_tensorrt():
@@ -84,9 +133,6 @@ class TensorRTExport:
     workspace_gib: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.qtype == "int4":
-            raise SqueezeError("int4 TensorRT engines are not supported yet (TensorRT reads int4 as blocked "
-                               "DequantizeLinear, not MatMulNBits); use --to onnx for int4, or --type fp16/int8")
         if self.qtype not in TRT_TYPES:
             raise SqueezeError(f"unknown TensorRT --type {self.qtype!r}; choose from {', '.join(TRT_TYPES)}")
         if not (1 <= self.opt_batch <= self.max_batch and 1 <= self.opt_sequence <= self.max_sequence):
@@ -161,19 +207,24 @@ def export_tensorrt(src: Path, out: Path, config: TensorRTExport, overwrite: boo
     if out.suffix.lower() not in ENGINE_SUFFIXES:
         raise SqueezeError(f"TensorRT output must end in {' or '.join(ENGINE_SUFFIXES)}, got {str(out)!r}")
     refuse_asymmetric_activations(src)
-    require_tensorrt()  # before any work
-    onnx_type, flags = TRT_TYPES[config.qtype]
+    kind = TRT_TYPES[config.qtype]
+    if config.qtype == "int4":
+        refuse_int4_grids(src)
+    require_builder_flags(require_tensorrt(), kind.flags)  # before any work
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.onnx-", dir=out.parent) as tmp:
         onnx_art = export_onnx(src, Path(tmp) / "model.onnx",
-                               ONNXExport(qtype=onnx_type, verify=False, kv_cache=config.kv_cache, act_encoding="int8"))
-        if config.qtype == "int8" and "qdq" not in onnx_art.type:
-            raise SqueezeError("--type int8 needs a W8A8 checkpoint (squeeze quantize --scheme w8a8); "
+                               ONNXExport(qtype=kind.onnx_type, verify=False, kv_cache=config.kv_cache,
+                                          act_encoding="int8", int4_encoding=kind.int4_encoding))
+        if kind.lowering is not None and kind.lowering not in onnx_art.type:
+            raise SqueezeError(f"--type {config.qtype} needs {TYPE_NEEDS[config.qtype]}; "
                                f"{str(src)!r} is {onnx_art.type}")
+        if config.qtype == "int4":
+            check_int4_blocks(onnx_art.path)
         from squeeze.eval.onnxruntime import OrtRuntime
 
         max_context = OrtRuntime.from_path(onnx_art.path).max_context
-        engine = build_engine(onnx_art.path, input_profiles(onnx_art.path, dim_ranges(config, max_context)), flags,
-                              config.workspace_gib)
+        engine = build_engine(onnx_art.path, input_profiles(onnx_art.path, dim_ranges(config, max_context)),
+                              kind.flags, config.workspace_gib)
     with atomic_output_file(out, overwrite) as tmp_engine:
         tmp_engine.write_bytes(engine)
         record = verify_engine(tmp_engine, src) if config.verify else None

@@ -1,7 +1,8 @@
 """TensorRT export/run: on a machine without an NVIDIA GPU or tensorrt, one line and exit code 2.
 
-The engine build/run path needs a GPU; it is exercised by `test_engine_builds_and_matches_torch`
-only where one is present (skipped otherwise).
+The engine build/run path needs a GPU; it is exercised by `test_engine_builds_and_matches_torch` and
+`test_int4_engine_builds_and_matches_torch` only where one is present (skipped otherwise). The int4
+graph itself is checked in onnxruntime by tests/exporters/test_onnx_int4_dq.py.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ def test_eval_engine_without_gpu_is_exit_2(tmp_path, short_text, capsys, monkeyp
 
 
 def test_options_are_validated(tmp_path):
-    with pytest.raises(SqueezeError, match="int4 TensorRT engines are not supported"):
-        trt_export.TensorRTExport(qtype="int4")
+    assert trt_export.TensorRTExport(qtype="int4").qtype == "int4"  # INT4 weight-only (blocked DequantizeLinear)
     with pytest.raises(SqueezeError, match="unknown TensorRT --type 'q4_0'"):
         trt_export.TensorRTExport(qtype="q4_0")
     ranges = trt_export.dim_ranges(trt_export.TensorRTExport(max_sequence=4096), max_context=512)
@@ -65,4 +65,19 @@ def test_engine_builds_and_matches_torch(stories_dir, tmp_path):
 
     art = api.export(stories_dir, "tensorrt", tmp_path / "m.plan", qtype="fp16", verify=True)
     # fp16 engine against the fp32 torch model: top-1 agreement well above the 0.9 broken-graph floor.
+    assert art.verification["top1_agreement"] > 0.98
+
+
+@pytest.mark.skipif(trt_export.nvidia_gpu_count() == 0, reason="needs an NVIDIA GPU")
+def test_int4_engine_builds_and_matches_torch(stories_dir, tmp_path):
+    pytest.importorskip("tensorrt")
+    import squeeze
+    from squeeze import api
+    from squeeze.passes.rtn import RTN
+
+    ckpt = api.quantize_dir(stories_dir, tmp_path / "w4g64", RTN(scheme=squeeze.get_scheme("w4g64")))
+    art = api.export(ckpt, "tensorrt", tmp_path / "w4.plan", qtype="int4", verify=True)
+    assert art.type == "w4g64-dq-block-int4"
+    # INT4 weight-only engine (fp16 activations) against squeeze's fp32 torch model of the same int4
+    # weights: the same bound as the fp16 engine, well above the 0.9 broken-graph floor.
     assert art.verification["top1_agreement"] > 0.98

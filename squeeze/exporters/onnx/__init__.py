@@ -1,4 +1,4 @@
-"""ONNX export: fp32/fp16 graphs, int8 QDQ and int4 MatMulNBits carrying squeeze's own integers.
+"""ONNX export: fp32/fp16 graphs, int8 QDQ, int4 MatMulNBits or blocked INT4 DequantizeLinear, with squeeze's integers.
 
     from squeeze.exporters.onnx import ONNXExport, export_onnx, export_module
 """

@@ -2,10 +2,11 @@
 
 Float models export at fp32 or fp16. A squeeze checkpoint keeps its own quantization: 8-bit
 per-channel (with calibrated static 8-bit activations, symmetric or with a zero point) becomes QDQ,
-group-wise 2/4/8-bit weight-only becomes com.microsoft MatMulNBits. The file is written in a temporary
-directory, checked with onnx.checker, run in onnxruntime against squeeze's torch model of the same
-weights, and only then moved into place (with its external data file when the weights exceed the
-protobuf limit).
+group-wise 2/4/8-bit weight-only becomes com.microsoft MatMulNBits, or (``int4_encoding="dq-block"``,
+TensorRT's form) 4-bit symmetric group-wise becomes INT4 DequantizeLinear -> MatMul at opset 21.
+The file is written in a temporary directory, checked with onnx.checker, run in onnxruntime against
+squeeze's torch model of the same weights, and only then moved into place (with its external data
+file when the weights exceed the protobuf limit).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from squeeze.errors import SqueezeError
 from squeeze.optional import require
 from squeeze.exporters import Artifact
+from squeeze.exporters.onnx.dqblock import DQ_BLOCK_OPSET, write_int4_initializers
 from squeeze.exporters.onnx.graphs import GRAPH_BUILDERS, GraphSpec, lower_quant_linears, model_kind, module_graph
 from squeeze.exporters.onnx.verify import verify_module, verify_tokens
 from squeeze.modules import QuantLinear
@@ -30,6 +32,7 @@ from squeeze.modules import QuantLinear
 # --type name -> torch dtype of the graph's float tensors
 ONNX_TYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_OPSET = 17
+MAX_OPSET = 21
 # protobuf refuses messages of 2 GiB; weights past this go to an external data file
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
@@ -41,26 +44,41 @@ class ONNXExport:
     qtype: str = "fp32"
     verify: bool = True
     kv_cache: bool = False
-    opset: int = DEFAULT_OPSET
+    opset: int | None = None  # None: DEFAULT_OPSET, or DQ_BLOCK_OPSET for the dq-block int4 encoding
     external_data: bool | None = None  # None: only when the weights exceed EXTERNAL_DATA_THRESHOLD
     # symmetric static int8 activations as uint8/128 (onnxruntime) or int8/0 (TensorRT); asymmetric ones are
     # always uint8 with their calibrated zero point
     act_encoding: str = "uint8"
+    # weight-only group-wise layers as MatMulNBits (onnxruntime) or blocked INT4 DequantizeLinear (TensorRT)
+    int4_encoding: str = "matmulnbits"
 
     def __post_init__(self) -> None:
+        from squeeze.exporters.onnx.graphs import INT4_ENCODINGS
         from squeeze.exporters.onnx.qdq import ACT_ENCODINGS
 
+        if self.int4_encoding not in INT4_ENCODINGS:
+            raise SqueezeError(f"int4_encoding must be one of {', '.join(INT4_ENCODINGS)}, got {self.int4_encoding!r}")
         if self.act_encoding not in ACT_ENCODINGS:
             raise SqueezeError(f"act_encoding must be one of {', '.join(ACT_ENCODINGS)}, got {self.act_encoding!r}")
         if self.qtype not in ONNX_TYPES:
             raise SqueezeError(f"unknown ONNX --type {self.qtype!r}; choose from {', '.join(ONNX_TYPES)} "
                                "(int8/int4 come from a quantized checkpoint: run squeeze quantize first)")
-        if not 13 <= self.opset <= 20:
-            raise SqueezeError(f"ONNX opset must be from 13 to 20 (per-channel QDQ needs 13), got {self.opset}")
+        if not 13 <= self.onnx_opset <= MAX_OPSET:
+            raise SqueezeError(f"ONNX opset must be from 13 to {MAX_OPSET} (per-channel QDQ needs 13), "
+                               f"got {self.opset}")
+        if self.int4_encoding == "dq-block" and self.onnx_opset < DQ_BLOCK_OPSET:
+            raise SqueezeError(f"the dq-block int4 encoding needs opset {DQ_BLOCK_OPSET} (INT4 DequantizeLinear with "
+                               f"block_size), got {self.opset}")
 
     @property
     def dtype(self) -> torch.dtype:
         return ONNX_TYPES[self.qtype]
+
+    @property
+    def onnx_opset(self) -> int:
+        if self.opset is not None:
+            return self.opset
+        return DQ_BLOCK_OPSET if self.int4_encoding == "dq-block" else DEFAULT_OPSET
 
 
 def _require_onnx():
@@ -68,14 +86,14 @@ def _require_onnx():
     require("onnxruntime", "onnx")
 
 
-def precision_name(model: nn.Module, qtype: str) -> str:
+def precision_name(model: nn.Module, qtype: str, int4_encoding: str = "matmulnbits") -> str:
     """fp32 / fp16 for float models; the checkpoint's scheme plus how it is written for quantized ones."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if not layers:
         return qtype
     from squeeze.exporters.onnx.graphs import lowering_for
 
-    kinds = sorted({f"{m.scheme.name}-{lowering_for(m)}" for m in layers})
+    kinds = sorted({f"{m.scheme.name}-{lowering_for(m, int4_encoding)}" for m in layers})
     return "+".join(kinds) + ("" if qtype == "fp32" else f"-{qtype}")
 
 
@@ -125,6 +143,7 @@ def _finish(raw: Path, final: Path, metadata: dict[str, str], external_data: boo
 
     model = onnx.load(str(raw))
     drop_identity_initializers(model.graph)
+    write_int4_initializers(model.graph)
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -158,7 +177,7 @@ def write_graph(spec: GraphSpec, out: Path, config: ONNXExport, overwrite: bool,
         tmp_dir = Path(tmp)
         raw_dir = tmp_dir / "raw"
         raw_dir.mkdir()
-        _trace(spec, raw_dir / "model.onnx", config.opset)
+        _trace(spec, raw_dir / "model.onnx", config.onnx_opset)
         final = tmp_dir / out.name
         _finish(raw_dir / "model.onnx", final, {"squeeze.kind": spec.kind, **spec.metadata}, config.external_data)
         record = verify_fn(OrtRuntime.from_path(final)) if config.verify else None
@@ -181,8 +200,8 @@ def export_onnx(src: Path, out: Path, config: ONNXExport, overwrite: bool = Fals
         raise SqueezeError(f"{str(src)!r} is neither a causal LM nor an encoder; export plain modules with "
                            "squeeze.exporters.onnx.export_module")
     model = copy.deepcopy(reference)
-    precision = precision_name(model, config.qtype)
-    counts = lower_quant_linears(model, config.dtype, config.act_encoding)
+    precision = precision_name(model, config.qtype, config.int4_encoding)
+    counts = lower_quant_linears(model, config.dtype, config.act_encoding, config.int4_encoding)
     model = model.to(config.dtype).eval()
     spec = GRAPH_BUILDERS[kind](model, config.kv_cache)
     spec.metadata.update({"squeeze.source": str(src.resolve()), "squeeze.precision": precision,
@@ -215,8 +234,8 @@ def export_module(
     out = check_output_path(out, overwrite)
     reference = module.eval()
     model = copy.deepcopy(reference)
-    precision = precision_name(model, config.qtype)
-    counts = lower_quant_linears(model, config.dtype, config.act_encoding)
+    precision = precision_name(model, config.qtype, config.int4_encoding)
+    counts = lower_quant_linears(model, config.dtype, config.act_encoding, config.int4_encoding)
     model = model.to(config.dtype).eval()
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     spec = module_graph(model, tuple(a.to(config.dtype) if a.is_floating_point() else a for a in args))

@@ -3,7 +3,8 @@
 Model kinds are a table (`GRAPH_BUILDERS`): a causal LM gives full-sequence logits (optionally with
 past key/values, see kvcache.py), an encoder gives its last hidden state, a plain nn.Module gives
 whatever its forward returns for the example input. Quantized layers are lowered by `LOWERINGS`:
-8-bit per-channel -> QDQ, group-wise 2/4/8-bit weight-only -> MatMulNBits.
+8-bit per-channel -> QDQ, group-wise 2/4/8-bit weight-only -> MatMulNBits, or, with the "dq-block"
+int4 encoding (TensorRT's form), 4-bit symmetric group-wise -> INT4 DequantizeLinear -> MatMul.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from squeeze.errors import SqueezeError
+from squeeze.exporters.onnx.dqblock import DQBlockLinear, check_dq_block
 from squeeze.exporters.onnx.matmulnbits import MatMulNBitsLinear, check_matmulnbits
 from squeeze.exporters.onnx.qdq import QDQLinear, check_qdq
 from squeeze.model import set_submodule
@@ -42,27 +44,34 @@ class GraphSpec:
 LOWERINGS: dict[str, tuple] = {
     "qdq": (check_qdq, QDQLinear),
     "matmulnbits": (check_matmulnbits, MatMulNBitsLinear),
+    "dq-block": (check_dq_block, DQBlockLinear),
 }
+# how weight-only group-wise layers are written: onnxruntime's MatMulNBits (default), or blocked INT4
+# DequantizeLinear -> MatMul (opset 21; what TensorRT reads as INT4 weight-only)
+INT4_ENCODINGS: tuple[str, ...] = ("matmulnbits", "dq-block")
 
 
-def lowering_for(layer: QuantLinear) -> str:
-    """8-bit per-channel/tensor weights (with or without int8 activations) -> QDQ; group-wise -> MatMulNBits."""
+def lowering_for(layer: QuantLinear, int4_encoding: str = "matmulnbits") -> str:
+    """8-bit per-channel/tensor weights (with or without int8 activations) -> QDQ; group-wise -> ``int4_encoding``."""
     s = layer.scheme
     if s.granularity != "group" and s.bits == 8 or s.activations is not None:
         return "qdq"
-    return "matmulnbits"
+    return int4_encoding
 
 
-def lower_quant_linears(model: nn.Module, dtype: torch.dtype, act_encoding: str = "uint8") -> dict[str, int]:
+def lower_quant_linears(model: nn.Module, dtype: torch.dtype, act_encoding: str = "uint8",
+                        int4_encoding: str = "matmulnbits") -> dict[str, int]:
     """Replace every QuantLinear in place by its ONNX-emitting stand-in; returns a count per lowering.
 
     ``act_encoding`` (qdq.ACT_ENCODINGS): how symmetric static int8 activations are written (uint8/128 or
-    int8/0); asymmetric ones keep their uint8 zero point and are refused for int8/0.
+    int8/0); asymmetric ones keep their uint8 zero point and are refused for int8/0. ``int4_encoding``
+    (`INT4_ENCODINGS`): how weight-only group-wise layers are written; "dq-block" refuses what it cannot
+    write exactly (asymmetric, act-order, GGUF blocks, not 4-bit).
     """
     counts: dict[str, int] = {}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name, layer in layers:
-        kind = lowering_for(layer)
+        kind = lowering_for(layer, int4_encoding)
         check, cls = LOWERINGS[kind]
         check(layer, name, act_encoding) if kind == "qdq" else check(layer, name)
         set_submodule(model, name, cls(layer, dtype, act_encoding) if kind == "qdq" else cls(layer, dtype))
