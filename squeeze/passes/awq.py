@@ -19,8 +19,8 @@ from torch import nn
 
 from squeeze.errors import SqueezeError
 from squeeze.grid import WeightGrid, grid_for, quantize_rtn
-from squeeze.model import linear_weight, select_linears
-from squeeze.passes.common import install_rounded, layer_schemes
+from squeeze.model import linear_weight
+from squeeze.passes.common import install_rounded, select_layers
 from squeeze.passes.gptq_core import HessianAccumulator, output_rel_error
 from squeeze.passes.scaling import fold_scales, mappings_for, relative_names, resolve
 from squeeze.registry import register_pass
@@ -166,9 +166,7 @@ def _process_block(model: nn.Module, config: AWQ, mappings, schemes: dict[str, Q
 
 
 def apply_awq(model: nn.Module, config: AWQ, calib=None) -> dict[str, dict]:
-    layers = select_linears(model, config.targets, config.ignore)
-    schemes = layer_schemes(model, layers, config.scheme)
-    layers = {n: m for n, m in layers.items() if n in schemes}
+    layers, schemes = select_layers(model, config)
     mappings = mappings_for(model, "AWQ")
     process = _process_block(model, config, mappings, schemes)
     return run_sequential(model, layers, calib, process, config.device, desc="awq")

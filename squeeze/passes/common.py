@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from squeeze.model import linear_weight, set_submodule
+from squeeze.model import linear_weight, select_linears, set_submodule
 from squeeze.modules import QuantLinear
 from squeeze.grid import LayerQParams, grid_for, quantize_rtn
 from squeeze.primitives import group_index
@@ -52,6 +52,13 @@ def replace_with_quant_linear(
     err = (layer.dequantized_weight().float() - weight.float()).pow(2).sum()
     set_submodule(model, name, layer)
     return {"weight_rel_mse": float(err / weight.float().pow(2).sum().clamp(min=1e-30))}
+
+
+def select_layers(model: nn.Module, config) -> tuple[dict[str, nn.Module], dict[str, QuantScheme]]:
+    """The pass's target Linears and each one's grid (a GGUF mix drops the layers it keeps float)."""
+    layers = select_linears(model, config.targets, config.ignore)
+    schemes = layer_schemes(model, layers, config.scheme)
+    return {n: m for n, m in layers.items() if n in schemes}, schemes
 
 
 def layer_schemes(model: nn.Module, layers: dict[str, nn.Module], scheme) -> dict[str, QuantScheme]:

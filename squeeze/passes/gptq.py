@@ -15,8 +15,8 @@ from torch import nn
 
 from squeeze.errors import SqueezeError
 from squeeze.grid import grid_for
-from squeeze.model import linear_weight, select_linears
-from squeeze.passes.common import layer_schemes, replace_with_quant_linear
+from squeeze.model import linear_weight
+from squeeze.passes.common import replace_with_quant_linear, select_layers
 from squeeze.passes.gptq_core import GPTQResult, HessianAccumulator, gptq_quantize, output_rel_error
 from squeeze.registry import register_pass
 from squeeze.runner import BlockInputs, collect_inputs, groups_by_shared_input, run_sequential
@@ -87,9 +87,7 @@ def _process_block(model: nn.Module, config: GPTQ, schemes: dict[str, QuantSchem
 
 
 def apply_gptq(model: nn.Module, config: GPTQ, calib=None) -> dict[str, dict]:
-    layers = select_linears(model, config.targets, config.ignore)
-    schemes = layer_schemes(model, layers, config.scheme)
-    layers = {n: m for n, m in layers.items() if n in schemes}
+    layers, schemes = select_layers(model, config)
     return run_sequential(model, layers, calib, _process_block(model, config, schemes), config.device, desc="gptq")
 
 

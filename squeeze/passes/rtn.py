@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from torch import nn
 from tqdm.auto import tqdm
 
-from squeeze.model import linear_weight, select_linears
+from squeeze.model import linear_weight
 from squeeze.passes.activations import calibrate_input_qparams, install_input_qparams
-from squeeze.passes.common import install_rounded, layer_schemes
+from squeeze.passes.common import install_rounded, select_layers
 from squeeze.registry import register_pass
 from squeeze.scheme import GGUFMix, QuantScheme, get_scheme
 
@@ -24,9 +24,7 @@ class RTN:
 
 
 def apply_rtn(model: nn.Module, config: RTN, calib=None) -> dict[str, dict]:
-    layers = select_linears(model, config.targets, config.ignore)
-    schemes = layer_schemes(model, layers, config.scheme)
-    layers = {n: m for n, m in layers.items() if n in schemes}
+    layers, schemes = select_layers(model, config)
     act_qparams = {}
     if config.scheme.activations is not None and config.scheme.activations.mode == "static":
         act_qparams = calibrate_input_qparams(model, layers, calib, config.scheme.activations)
