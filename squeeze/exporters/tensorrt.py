@@ -61,12 +61,10 @@ def nvidia_gpu_count() -> int:
 
 def refuse_asymmetric_activations(src: Path) -> None:
     """One line naming the fix if the checkpoint at ``src`` has asymmetric activations (from squeeze.json)."""
-    from squeeze.checkpoint.gptq import read_metadata
+    from squeeze.checkpoint.gptq import read_layer_schemes
 
-    meta = (read_metadata(src) if src.is_dir() else None) or {}
-    schemes = [meta.get("scheme")] + [r.get("scheme_dict") for r in meta.get("layers", {}).values()]
-    names = sorted({s.get("name", "?") for s in schemes
-                    if isinstance(s, dict) and (s.get("activations") or {}).get("symmetric") is False})
+    schemes = (read_layer_schemes(src) if src.is_dir() else {}).values()
+    names = sorted({s.name for s in schemes if s.activations is not None and not s.activations.symmetric})
     if names:
         raise SqueezeError(f"TensorRT takes int8 activations with zero point 0 only, and {str(src)!r} has asymmetric "
                            f"activations ({', '.join(names)}: uint8 with a zero point); re-quantize with symmetric "

@@ -57,9 +57,7 @@ def check_int4_scheme(scheme: QuantScheme, name: str, block_sizes: tuple[int, ..
 
 def check_dq_block(layer: QuantLinear, name: str) -> None:
     """Raise (with how to fix it) if ``layer`` cannot be written as INT4 DequantizeLinear -> MatMul exactly."""
-    check_int4_scheme(layer.scheme, name)
-    if layer.gguf_blocks is not None:
-        raise SqueezeError(f"{name}: GGUF block layers have no INT4 DequantizeLinear form; export with --to gguf")
+    check_int4_scheme(layer.scheme, name)  # GGUF block layers have gguf_blocks schemes: refused there
     gs = layer.scheme.group_size_for(layer.in_features)
     if not torch.equal(layer.g_idx.cpu(), group_index(layer.in_features, gs)):
         raise SqueezeError(f"{name}: its groups are not contiguous runs of {gs} columns (act-order g_idx), which "
