@@ -23,11 +23,12 @@ from squeeze.exporters import Artifact, get_exporter
 from squeeze.eval.evaluate import EvalResult, choose_context, evaluate_tokens
 from squeeze.eval.runtimes import TorchRuntime, open_runtime
 from squeeze.fsutil import atomic_output_dir, check_output_path
-from squeeze.model import auto_class_for, directory_hash, load_pretrained, load_tokenizer, validate_model_dir
+from squeeze.model import auto_class_for, load_pretrained, validate_model_dir
 from squeeze.modules import QuantLinear
 from squeeze.recipe import Recipe
 from squeeze.registry import pass_for_config
 from squeeze.scheme import GGUFMix
+from squeeze.sources import as_model_dir, is_gguf, load_gguf_model, source_hash, source_tokenizer, validate_source
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -58,7 +59,10 @@ def _resolve_dtype(name: str | None) -> torch.dtype | None:
 
 
 def load(path: str | Path, dtype: str | None = None) -> nn.Module:
-    """Load a model directory: a float Hugging Face model or a squeeze/GPTQ quantized checkpoint."""
+    """Load a model: a float Hugging Face directory, a squeeze/GPTQ quantized checkpoint, or a GGUF file
+    (dequantized by transformers, float32 unless ``dtype`` says otherwise)."""
+    if is_gguf(path):
+        return load_gguf_model(Path(path), _resolve_dtype(dtype))
     p = validate_model_dir(path)
     config = json.loads((p / "config.json").read_text())
     if "quantization_config" not in config:
@@ -107,7 +111,7 @@ def save(
     if not layers:
         raise SqueezeError("the model has no quantized layers to save; run squeeze.quantize first")
     scheme = _checkpoint_scheme(layers, recipe)
-    source_dir = Path(source) if source is not None else None
+    source_path = Path(source) if source is not None else None
     recipe_dict = _as_recipe(recipe).to_dict() if recipe is not None else None
     layer_meta = {}
     for name, m in layers.items():
@@ -120,14 +124,17 @@ def save(
         "calibration": {"source": calib.source, "sha256": calib.sha256, "shape": list(calib.input_ids.shape)}
         if calib is not None
         else None,
-        "source_model": {"path": str(source_dir), "sha256": directory_hash(source_dir)} if source_dir else None,
+        "source_model": {"path": str(source_path), "sha256": source_hash(source_path)} if source_path else None,
         "created_unix": int(time.time()),
         "layers": layer_meta,
     }
     target = check_output_path(out, overwrite)
     with atomic_output_dir(target, overwrite) as tmp:
         desc_act = any(getattr(p, "act_order", False) for p in _as_recipe(recipe).passes) if recipe else False
-        ckpt.write_checkpoint(model, tmp, scheme, metadata, source_dir, desc_act=desc_act)
+        from_gguf = source_path is not None and is_gguf(source_path)
+        ckpt.write_checkpoint(model, tmp, scheme, metadata, None if from_gguf else source_path, desc_act=desc_act)
+        if from_gguf:  # the GGUF file's own tokenizer, written as Hugging Face files
+            source_tokenizer(source_path).save_pretrained(tmp)
     return target
 
 
@@ -139,14 +146,14 @@ def quantize_dir(
     dtype: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Load a model directory, quantize it with ``config``, and write the checkpoint to ``out``."""
-    src = validate_model_dir(model_path)
+    """Load a model directory (or GGUF file), quantize it with ``config``, and write the checkpoint to ``out``."""
+    src = validate_source(model_path)
     check_output_path(out, overwrite)
     recipe = _as_recipe(config)
     model = load(src, dtype)
     calib_set = None
     if any(pass_for_config(p).needs_calibration(p) for p in recipe.passes):
-        calib_set = load_calibration(load_tokenizer(src), calib or CalibConfig(), model=model)
+        calib_set = load_calibration(source_tokenizer(src), calib or CalibConfig(), model=model)
     records = quantize(model, recipe, calib_set)
     return save(model, out, recipe, source=src, calib=calib_set, records=records, overwrite=overwrite)
 
@@ -170,7 +177,10 @@ def export(model: str | Path, fmt: str, output: str | Path, overwrite: bool = Fa
     if not src.exists():
         raise SqueezeError(f"model path {str(src)!r} does not exist")
     out = check_output_path(output, overwrite)
-    return export_fn(src, out, config, overwrite)
+    if getattr(config_cls, "reads_gguf", False):
+        return export_fn(src, out, config, overwrite)
+    with as_model_dir(src, out.parent) as model_dir:  # a GGUF input is dequantized into a temporary directory
+        return export_fn(model_dir, out, config, overwrite)
 
 
 def _open(model, runtime: str | None = None):
@@ -301,7 +311,7 @@ def eval_report(
         out.update(evaluate(rt, data, reference=reference, ctx=ctx, tokenizer=tokenizer, progress=progress).to_dict())
     if task is not None:
         if tokenizer is None and rt.tokenizer is None and reference is not None:
-            tokenizer = load_tokenizer(Path(reference))
+            tokenizer = source_tokenizer(Path(reference))
         t = evaluate_task(rt, task, tokenizer=tokenizer, progress=progress)
         out.update(task_accuracy=t.accuracy, task_accuracy_norm=t.accuracy_norm, task_items=t.items)
     if latency:

@@ -90,16 +90,17 @@ def _method_options(method: str, given: dict) -> dict:
 def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
              ignore, calib, nsamples, seqlen, seed, damp, block_size, act_order, static_groups, alpha, dtype, recipe,
              overwrite) -> None:
-    """Quantize the model directory MODEL into a checkpoint at OUTPUT."""
+    """Quantize MODEL (a Hugging Face model directory or a GGUF file) into a checkpoint at OUTPUT."""
     from squeeze import api
     from squeeze.calib import SELF, CalibConfig
     from squeeze.fsutil import check_output_path
-    from squeeze.model import validate_model_dir
     from squeeze.recipe import Recipe
     from squeeze.registry import get_pass
     from squeeze.scheme import MAX_BITS, MIN_BITS
 
-    validate_model_dir(model)
+    from squeeze.sources import validate_source
+
+    validate_source(model)
     check_output_path(output, overwrite)
     default_bits, default_granularity, default_act = METHOD_SCHEME_DEFAULTS.get(method, (4, "group", "none"))
     bits = default_bits if bits is None else bits
@@ -128,11 +129,11 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Text file (.txt or .jsonl) to score.")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
-              help="Original model directory: adds KL divergence and top-1 agreement.")
+              help="Original model (directory or GGUF file): adds KL divergence and top-1 agreement.")
 @click.option("--ctx", type=int, default=None, help="Window length in tokens [default: model context, at most 2048].")
 @click.option("--runtime", default=None, help="Force a runtime (torch, llama.cpp, onnxruntime, ...) instead of the artifact's own.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="Model directory whose tokenizer to use [default: the model's, else the reference's].")
+              help="Model directory or GGUF file whose tokenizer to use [default: the model's, else the reference's].")
 @click.option("--task", type=click.Path(path_type=Path), default=None,
               help="Multiple-choice JSONL ({context, choices, label} per line): adds task accuracy.")
 @click.option("--latency", is_flag=True, help="Also measure forward latency, prefill/decode tokens/s and peak memory.")
@@ -141,7 +142,7 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
     """Perplexity of MODEL (a model directory or an exported file) on --data, and KLD / top-1 vs --reference."""
     from squeeze import api
     from squeeze.eval.report import text_table
-    from squeeze.model import load_tokenizer, validate_model_dir
+    from squeeze.sources import source_tokenizer, validate_source
 
     if not model.exists():
         raise SqueezeError(f"model path {str(model)!r} does not exist")
@@ -150,10 +151,10 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
     if task is not None and not task.is_file():
         raise SqueezeError(f"task file {str(task)!r} does not exist")
     if reference is not None:
-        validate_model_dir(reference)
+        validate_source(reference)
     if ctx is not None and ctx < 2:
         raise SqueezeError(f"--ctx must be at least 2, got {ctx}")
-    tok = load_tokenizer(validate_model_dir(tokenizer)) if tokenizer is not None else None
+    tok = source_tokenizer(validate_source(tokenizer)) if tokenizer is not None else None
     result = api.eval_report(model, data, reference=reference, ctx=ctx, tokenizer=tok, runtime=runtime, task=task,
                              latency=latency, progress=not as_json)
     if as_json:
@@ -179,7 +180,7 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
 @click.option("--kv-cache", is_flag=True, help="onnx/tensorrt: past key/value inputs and outputs for token-by-token decoding.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def export(model, fmt, output, qtype, requantize, no_verify, kv_cache, overwrite) -> None:
-    """Export MODEL (a float or quantized model directory) to a deployment format."""
+    """Export MODEL (a float or quantized model directory, or a GGUF file) to a deployment format."""
     from squeeze import api
 
     artifact = api.export(model, fmt, output, qtype=qtype, verify=not no_verify, requantize=requantize,

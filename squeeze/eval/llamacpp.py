@@ -26,7 +26,10 @@ def _import_llama_cpp():
 
 def gguf_metadata(path: Path) -> dict:
     """A GGUF file's metadata except the tokenizer arrays (read with gguf-py, without loading tensors)."""
-    fields = require("gguf", "gguf").GGUFReader(str(path)).fields
+    try:
+        fields = require("gguf", "gguf").GGUFReader(str(path)).fields
+    except (ValueError, OSError, IndexError) as e:
+        raise SqueezeError(f"cannot read the GGUF file {str(path)!r}: {e}") from None
     return {k: f.contents() for k, f in fields.items() if not k.startswith("tokenizer.")}
 
 
@@ -69,10 +72,15 @@ class LlamaCppRuntime:
 
     @classmethod
     def from_path(cls, path: Path) -> "LlamaCppRuntime":
+        """The file in llama.cpp; text is tokenized by the model directory beside it (an export's source),
+        else by the file's own tokenizer in llama.cpp, as llama-perplexity does."""
         from squeeze.model import load_tokenizer
 
-        tokenizer = load_tokenizer(Path(path).parent) if (Path(path).parent / "config.json").is_file() else None
-        return cls(path, tokenizer=tokenizer)
+        beside = Path(path).parent
+        runtime = cls(path, tokenizer=load_tokenizer(beside) if (beside / "config.json").is_file() else None)
+        if runtime.tokenizer is None:
+            runtime.tokenizer = LlamaCppTokenizer(runtime)
+        return runtime
 
     def _model(self, n_ctx: int):
         """The llama.cpp model with a context of at least ``n_ctx`` tokens (re-created if too small)."""
@@ -115,3 +123,17 @@ class LlamaCppRuntime:
             out.append(token)
             llm.eval([token])
         return out
+
+
+class LlamaCppTokenizer:
+    """A GGUF file's own tokenizer run by llama.cpp, called like a transformers tokenizer on one text."""
+
+    def __init__(self, runtime: LlamaCppRuntime):
+        self._runtime = runtime
+
+    def __call__(self, text: str, add_special_tokens: bool = True, **_ignored) -> dict:
+        if not isinstance(text, str):
+            raise SqueezeError("the llama.cpp tokenizer takes one text at a time")
+        llm = self._runtime._model(self._runtime._n_ctx or DEFAULT_CONTEXT)
+        # add_bos=True adds BOS only where the vocabulary asks for it (tokenizer.ggml.add_bos_token).
+        return {"input_ids": llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=False)}

@@ -32,12 +32,13 @@ class TorchRuntime:
 
     @classmethod
     def from_path(cls, path: Path) -> "TorchRuntime":
+        """A model directory, or a GGUF file dequantized to a float model (``--runtime torch``)."""
         from squeeze.api import load
-        from squeeze.model import load_tokenizer, validate_model_dir, weights_size
+        from squeeze.sources import source_size, source_tokenizer, validate_source
 
-        path = validate_model_dir(path)
+        path = validate_source(path)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(load(path), device, tokenizer=load_tokenizer(path), size_bytes=weights_size(path))
+        return cls(load(path), device, tokenizer=source_tokenizer(path), size_bytes=source_size(path))
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

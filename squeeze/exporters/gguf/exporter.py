@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from squeeze.exporters.gguf.plan import (TensorPlan, fallback_notes, matching_mi
                                          type_counts)
 from squeeze.exporters.gguf.source import ModelSource, exact_type
 from squeeze.exporters.gguf.verify import VerifySettings, verify_gguf
-from squeeze.exporters.gguf.vocab import Vocab, add_vocab, read_vocab
+from squeeze.exporters.gguf.vocab import Vocab, add_vocab, gguf_vocab, read_vocab
 from squeeze.fsutil import atomic_output_file
 from squeeze.scheme import GGUFMix
 
@@ -38,6 +39,7 @@ class GGUFExport:
     """GGUF export settings: ``qtype`` is a --type name (f16, q4_0, q4_k_m, ...; default: f16 for float
     models, the checkpoint's exact type for squeeze checkpoints)."""
 
+    reads_gguf: ClassVar[bool] = True  # a GGUF input keeps its own vocabulary (see export_gguf)
     qtype: str | None = None
     verify: bool = True
     requantize: bool = False
@@ -128,17 +130,22 @@ def _notes(mix: Mix, plans: list[TensorPlan], source: ModelSource) -> list[str]:
 
 
 def export_gguf(src: Path, out: Path, config: GGUFExport, overwrite: bool = False) -> Artifact:
-    from squeeze.model import validate_model_dir
+    """Write the model directory ``src`` (or a GGUF file, re-quantized with its own vocabulary) to ``out``."""
+    from squeeze.sources import as_model_dir, is_gguf
 
     _require_gguf()
-    model_dir = validate_model_dir(src)
+    with as_model_dir(src, out.parent) as model_dir:
+        return _export_dir(model_dir, out, config, overwrite, gguf_vocab(src) if is_gguf(src) else None)
+
+
+def _export_dir(model_dir: Path, out: Path, config: GGUFExport, overwrite: bool, vocab: Vocab | None) -> Artifact:
     cfg = _hf_config(model_dir)
     spec = get_arch(getattr(cfg, "model_type", None))
     hp = read_hparams(cfg)
     source = ModelSource(model_dir)
     mix = resolve_mix(config.qtype, source, spec, hp)
     plans = plan_tensors(source, spec, hp, mix, config.requantize)
-    vocab = read_vocab(model_dir, hp.vocab_size, spec.bpe_pre)
+    vocab = vocab or read_vocab(model_dir, hp.vocab_size, spec.bpe_pre)
     notes = _notes(mix, plans, source)
     for note in notes:
         if note.startswith("warning:"):

@@ -120,6 +120,29 @@ def read_vocab(model_dir: Path, vocab_size: int, bpe_pre: str) -> Vocab:
                        "tokenizer, so copy the model's tokenizer files into the directory")
 
 
+# Vocab.special key -> the GGUF field that holds its id
+SPECIAL_FIELDS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
+
+
+def gguf_vocab(path: Path) -> Vocab:
+    """The tokenizer a GGUF file embeds, copied as it is (a GGUF input re-exported keeps its vocabulary)."""
+    from squeeze.optional import require
+
+    fields = require("gguf", "gguf").GGUFReader(str(path)).fields
+
+    def get(key: str, default=None):
+        field = fields.get(f"tokenizer.ggml.{key}")
+        return field.contents() if field is not None else default
+
+    tokens = get("tokens")
+    if not tokens:
+        raise SqueezeError(f"{str(path)!r} embeds no tokenizer (no tokenizer.ggml.tokens)")
+    special = {kind: int(get(key)) for kind, key in SPECIAL_FIELDS.items() if get(key) is not None}
+    return Vocab(get("model", "llama"), get("pre", "default"), [t.encode("utf-8") for t in tokens],
+                 [int(t) for t in get("token_type", [NORMAL] * len(tokens))], scores=get("scores"),
+                 merges=get("merges"), special=special, add_bos=get("add_bos_token"), add_eos=get("add_eos_token"))
+
+
 def add_vocab(writer, vocab: Vocab) -> None:
     writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)

@@ -1,0 +1,148 @@
+"""Model sources: a Hugging Face directory or a GGUF file, read the same way by every command.
+
+A GGUF file is read as a float model: transformers' own GGUF loader dequantizes its tensors
+(kept in float32: fp16/bf16 would not hold the dequantized values exactly) and builds the
+config and tokenizer from the file's metadata. Architectures transformers cannot read from
+GGUF are refused in one line that names them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from squeeze.errors import SqueezeError
+from squeeze.model import directory_hash, load_tokenizer, validate_model_dir, weights_size
+from squeeze.optional import require
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A path naming a .gguf file (it may not exist yet)."""
+    return Path(path).suffix.lower() == ".gguf" and not Path(path).is_dir()
+
+
+def gguf_architecture(path: Path) -> str:
+    """The file's ``general.architecture``, read from its header without loading tensors."""
+    gguf = require("gguf", "gguf")
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+        if magic != GGUF_MAGIC:
+            raise SqueezeError(f"{str(path)!r} is not a GGUF file (it does not start with the GGUF magic)")
+        field = gguf.GGUFReader(str(path)).fields.get("general.architecture")
+    except (ValueError, OSError, IndexError) as e:
+        raise SqueezeError(f"cannot read the GGUF file {str(path)!r}: {e}") from None
+    if field is None:
+        raise SqueezeError(f"{str(path)!r} is not a GGUF model (no general.architecture)")
+    return str(field.contents())
+
+
+def supported_gguf_architectures() -> list[str]:
+    """Architectures transformers reads from GGUF (``general`` and ``tokenizer`` are sections, not models)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+
+
+def validate_gguf(path: str | Path) -> Path:
+    """Check that ``path`` is a GGUF model of an architecture transformers can read."""
+    p = Path(path)
+    if not p.is_file():
+        raise SqueezeError(f"model path {str(p)!r} does not exist")
+    arch = gguf_architecture(p)
+    require("accelerate", "gguf")  # transformers' GGUF loader needs it
+    known = supported_gguf_architectures()
+    if arch not in known:
+        raise SqueezeError(f"{str(p)!r} holds a {arch!r} model, which transformers cannot read from GGUF "
+                           f"(it reads: {', '.join(known)})")
+    return p
+
+
+def validate_source(path: str | Path) -> Path:
+    """A model squeeze can read: a Hugging Face model directory or a GGUF file."""
+    return validate_gguf(path) if is_gguf(path) else validate_model_dir(path)
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load_gguf_model(path: Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The GGUF file's model, dequantized by transformers (float32 unless ``dtype`` says otherwise)."""
+    from transformers import AutoConfig
+
+    from squeeze.model import auto_class_for
+
+    path = validate_gguf(path)
+    _quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        model = auto_class_for(config).from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                                       dtype=dtype or torch.float32)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise SqueezeError(f"transformers could not read {str(path)!r}: {str(e).splitlines()[0]}") from None
+    # The weights are now plain float tensors: drop transformers' record of the GGUF quantization so the
+    # model behaves (and saves) like any float model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return model.eval()
+
+
+def load_gguf_tokenizer(path: Path):
+    """The tokenizer stored in the GGUF file, as a transformers tokenizer."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except (ValueError, KeyError, OSError) as e:
+        raise SqueezeError(f"cannot read the tokenizer of {str(path)!r}: {str(e).splitlines()[0]}") from None
+
+
+def source_tokenizer(path: Path):
+    """The tokenizer of a model directory or GGUF file (None if a directory has none)."""
+    return load_gguf_tokenizer(path) if is_gguf(path) else load_tokenizer(path)
+
+
+def source_hash(path: Path) -> str:
+    """sha256 of a GGUF file's bytes, or over a model directory's weight files."""
+    if not is_gguf(path):
+        return directory_hash(path)
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_size(path: Path) -> int:
+    """Bytes of the weights a source ships."""
+    return path.stat().st_size if is_gguf(path) else weights_size(path)
+
+
+@contextmanager
+def as_model_dir(path: Path, scratch: Path):
+    """``path`` as a Hugging Face directory: itself, or a GGUF file dequantized into a temporary directory
+    under ``scratch`` (float32 safetensors, config, tokenizer), removed afterwards."""
+    if not is_gguf(path):
+        yield validate_model_dir(path)
+        return
+    model = load_gguf_model(path)
+    tokenizer = load_gguf_tokenizer(path)
+    with tempfile.TemporaryDirectory(prefix=f".{path.stem}.dequantized-", dir=scratch) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        yield Path(tmp)
