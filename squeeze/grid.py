@@ -34,8 +34,12 @@ class WeightGrid(Protocol):
         """Columns whose parameters are fitted together (a group, or a super-block)."""
         ...
 
-    def fit(self, w: torch.Tensor) -> Any:
-        """Grid parameters for one block of columns ``w`` [rows, block_size(in)] (float32)."""
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Any:
+        """Grid parameters for one block of columns ``w`` [rows, block_size(in)] (float32).
+
+        ``importance`` [block columns] weighs each column's squared error (the diagonal of the input
+        Hessian, as llama.cpp's imatrix): a grid may use it to choose its parameters; None = plain fit.
+        """
         ...
 
     def nearest(self, w: torch.Tensor, params: Any, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +74,10 @@ class IntParams:
     zero: torch.Tensor  # [rows]
 
 
+# Range shrink factors tried by an importance-weighted fit: 1.0 (min-max) down to 0.525 in steps of 0.025.
+SHRINK_RATIOS = tuple(1.0 - i / 40 for i in range(20))
+
+
 @dataclass(frozen=True)
 class IntGrid:
     """The integer grid of a `QuantScheme` (per-tensor, per-channel or per-group, sym or asym)."""
@@ -79,14 +87,30 @@ class IntGrid:
     def block_size(self, in_features: int) -> int:
         return self.scheme.group_size_for(in_features)
 
-    def fit(self, w: torch.Tensor) -> IntParams:
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> IntParams:
+        """Min-max parameters; with ``importance``, each row's range is shrunk by the factor in
+        SHRINK_RATIOS that minimises sum_j importance_j * (w_j - q(w_j))^2 (per-tensor grids keep min-max)."""
         w = w.float()
         if self.scheme.granularity == "tensor":
             wmin, wmax = w.min().expand(w.shape[0]), w.max().expand(w.shape[0])
         else:
             wmin, wmax = w.amin(dim=1), w.amax(dim=1)
         scale, zero = qparams_from_range(wmin, wmax, self.scheme.bits, self.scheme.symmetric)
-        return IntParams(scale, zero)
+        if importance is None or self.scheme.granularity == "tensor":
+            return IntParams(scale, zero)
+        best = IntParams(scale, zero)
+        best_err = self._weighted_error(w, best, importance)
+        for ratio in SHRINK_RATIOS[1:]:
+            candidate = IntParams(*qparams_from_range(wmin * ratio, wmax * ratio, self.scheme.bits,
+                                                      self.scheme.symmetric))
+            err = self._weighted_error(w, candidate, importance)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = IntParams(torch.where(better, candidate.scale, best.scale), torch.where(better, candidate.zero, best.zero))
+        return best
+
+    def _weighted_error(self, w: torch.Tensor, params: IntParams, importance: torch.Tensor) -> torch.Tensor:
+        return ((self.nearest(w, params)[1] - w).pow(2) * importance.float().unsqueeze(0)).sum(dim=1)
 
     def nearest(self, w: torch.Tensor, params: IntParams, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         s, z = params.scale.unsqueeze(1), params.zero.unsqueeze(1)

@@ -24,7 +24,7 @@ from squeeze.passes.common import install_rounded, select_layers
 from squeeze.passes.gptq_core import HessianAccumulator, output_rel_error
 from squeeze.passes.scaling import fold_scales, mappings_for, relative_names, resolve
 from squeeze.registry import register_pass
-from squeeze.runner import BlockInputs, collect_inputs, run_sequential
+from squeeze.runner import BlockInputs, collect_inputs, groups_by_shared_input, run_sequential
 from squeeze.scheme import GGUFMix, QuantScheme, get_scheme
 
 # Layers whose clipping AutoAWQ skips: q/k errors are amplified by the attention softmax.
@@ -33,7 +33,11 @@ NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "c_attn", "query", "key")
 
 @dataclass(frozen=True)
 class AWQ:
-    """AWQ settings: ``n_grid`` exponents in [0, 1) for the scale search; ``clip`` enables the clipping search."""
+    """AWQ settings: ``n_grid`` exponents in [0, 1) for the scale search; ``clip`` enables the clipping search.
+
+    ``token_cap`` bounds each calibration token's weight in the input statistics as for GPTQ
+    (`squeeze.passes.gptq_core.cap_outlier_tokens`); None counts every token as it is.
+    """
 
     scheme: QuantScheme | GGUFMix = field(default_factory=lambda: get_scheme("w4g128"))
     targets: tuple[str, ...] | None = None
@@ -42,6 +46,7 @@ class AWQ:
     duo_scaling: bool = True
     clip: bool = True
     max_shrink: float = 0.5
+    token_cap: float | None = 100.0
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -126,15 +131,20 @@ def _process_block(model: nn.Module, config: AWQ, mappings, schemes: dict[str, Q
 
     def process(prefix: str, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs) -> dict[str, dict]:
         device = inputs.hidden[0].device
-        acc = {n: HessianAccumulator(linear_weight(m).shape[1], device) for n, m in layers.items()}
-        abs_sum = {n: torch.zeros(linear_weight(m).shape[1], device=device) for n, m in layers.items()}
+        # layers fed the same input (q/k/v, gate/up) share one set of statistics, taken at the first of them
+        leader = {n: g[0] for g in groups_by_shared_input(block, inputs, layers) for n in g}
+        firsts = sorted(set(leader.values()), key=list(layers).index)
+        acc = {n: HessianAccumulator(linear_weight(layers[n]).shape[1], device, config.token_cap) for n in firsts}
+        abs_sum = {n: torch.zeros(linear_weight(layers[n]).shape[1], device=device) for n in firsts}
 
         def observe(name: str, x: torch.Tensor) -> None:
             acc[name].add(x)
             abs_sum[name] += x.detach().abs().reshape(-1, x.shape[-1]).float().sum(0)
 
-        collect_inputs(block, inputs, layers, observe)
-        hessian = {n: a.hessian for n, a in acc.items()}
+        collect_inputs(block, inputs, {n: layers[n] for n in firsts}, observe)
+        hessian = {n: acc[leader[n]].hessian for n in layers}
+        count = {n: acc[leader[n]].count for n in layers}
+        abs_sum = {n: abs_sum[leader[n]] for n in layers}
         names = relative_names(prefix, layers)
         plans = []  # search every mapping on the unscaled block first, then fold (as AutoAWQ)
         for mapping in mappings:
@@ -143,7 +153,7 @@ def _process_block(model: nn.Module, config: AWQ, mappings, schemes: dict[str, Q
                 continue
             prev, full = found
             weights = [linear_weight(layers[n]).detach().float() for n in full]
-            x_mean = abs_sum[full[0]] / max(acc[full[0]].count, 1)
+            x_mean = abs_sum[full[0]] / max(count[full[0]], 1)
             scales, _ = search_scales(weights, [hessian[n] for n in full], x_mean, [grids[n] for n in full], config)
             plans.append((prev, full, scales, mapping.prev_part))
         for prev, full, scales, part in plans:

@@ -25,7 +25,12 @@ from squeeze.scheme import GGUFMix, QuantScheme, get_scheme
 
 @dataclass(frozen=True)
 class GPTQ:
-    """GPTQ settings. ``damp`` is a fraction of the Hessian's mean diagonal; ``block_size`` the lazy-batch width."""
+    """GPTQ settings. ``damp`` is a fraction of the Hessian's mean diagonal; ``block_size`` the lazy-batch width.
+
+    ``token_cap``: a calibration token counts in the Hessian with at most this many times the median token's
+    input energy (attention sinks, `cap_outlier_tokens`); None counts every token as it is.
+    ``weighted_fit``: group scales are chosen by importance-weighted error (Hessian diagonal), not min-max.
+    """
 
     scheme: QuantScheme | GGUFMix = field(default_factory=lambda: get_scheme("w4g128"))
     targets: tuple[str, ...] | None = None
@@ -35,6 +40,8 @@ class GPTQ:
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
+    token_cap: float | None = 100.0
+    weighted_fit: bool = True
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -42,6 +49,8 @@ class GPTQ:
             raise SqueezeError(f"--block-size must be a positive integer, got {self.block_size}")
         if not 0.0 < self.damp < 1.0:
             raise SqueezeError(f"--damp must be in (0, 1) (a fraction of the mean Hessian diagonal), got {self.damp}")
+        if self.token_cap is not None and self.token_cap < 1.0:
+            raise SqueezeError(f"GPTQ token_cap must be at least 1 (times the median token energy), got {self.token_cap}")
         if self.scheme.activations is not None:
             raise SqueezeError("GPTQ quantizes weights only; for int8 activations use --method smoothquant or rtn")
 
@@ -57,6 +66,7 @@ def quantize_linear(module: nn.Module, hessian: torch.Tensor, config: GPTQ, sche
         damp=config.damp,
         act_order=config.act_order,
         static_groups=config.static_groups or (config.act_order and scheme.gguf is not None),
+        weighted_fit=config.weighted_fit,
     )
 
 
@@ -71,16 +81,24 @@ def install(model: nn.Module, name: str, module: nn.Module, result: GPTQResult, 
 
 
 def _process_block(model: nn.Module, config: GPTQ, schemes: dict[str, QuantScheme]):
+    def hessians(block, inputs: BlockInputs, groups: list[list[str]], layers) -> dict[str, torch.Tensor]:
+        """One Hessian per group of layers fed the same input (q/k/v, gate/up), from one pass over the block."""
+        device = inputs.hidden[0].device
+        acc = {g[0]: HessianAccumulator(linear_weight(layers[g[0]]).shape[1], device, config.token_cap)
+               for g in groups}
+        collect_inputs(block, inputs, {n: layers[n] for n in acc}, lambda n, x: acc[n].add(x))
+        return {n: acc[g[0]].hessian for g in groups for n in g}
+
     def process(prefix: str, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs) -> dict[str, dict]:
-        groups = groups_by_shared_input(block, inputs, layers) if config.true_sequential else [list(layers)]
+        groups = groups_by_shared_input(block, inputs, layers)
+        # true sequential: each group's Hessian is taken on inputs that passed the quantized groups before it
+        stages = [[g] for g in groups] if config.true_sequential else [groups]
         records = {}
-        for group in groups:
-            device = inputs.hidden[0].device
-            acc = {n: HessianAccumulator(linear_weight(layers[n]).shape[1], device) for n in group}
-            collect_inputs(block, inputs, {n: layers[n] for n in group}, lambda n, x: acc[n].add(x))
-            for n in group:
-                result = quantize_linear(layers[n], acc[n].hessian, config, schemes[n])
-                records[n] = install(model, n, layers[n], result, acc[n].hessian, schemes[n])
+        for stage in stages:
+            hessian = hessians(block, inputs, stage, layers)
+            for n in (n for g in stage for n in g):
+                result = quantize_linear(layers[n], hessian[n], config, schemes[n])
+                records[n] = install(model, n, layers[n], result, hessian[n], schemes[n])
         return records
 
     return process

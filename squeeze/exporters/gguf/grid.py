@@ -53,7 +53,8 @@ class GGUFGrid:
                                "type's grid or leave them out (--ignore)")
         return size
 
-    def fit(self, w: torch.Tensor) -> BlockParams:
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> BlockParams:
+        """llama.cpp's reference quantizer's blocks (its search without an imatrix; ``importance`` unused)."""
         qb = quantize_blocks(w.detach().float().cpu().numpy(), self.qtype)
         step, bias = group_params(qb)
         to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a[:, 0])).to(w.device)  # noqa: E731
