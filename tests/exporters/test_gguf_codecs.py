@@ -294,3 +294,25 @@ def test_group_params_and_nearest_codes(name):
     if name in K_TYPES:  # K-quants finish with exactly this rounding against the stored scales
         keep = np.repeat(step == 0, fmt.group_size, axis=-1)
         assert np.array_equal(np.where(keep, qb.codes, nearest_codes(x, qb)), qb.codes)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_0"])
+def test_weighted_symmetric_blocks_equal_llamacpp_with_an_imatrix(name):
+    """quantize_sym_weighted is llama.cpp's imatrix fit: on rows of one block (where llama.cpp's per-row
+    sigma2 is the block's) the bytes equal ggml_quantize_chunk's given the same importance."""
+    from squeeze.exporters.gguf.codecs import WEIGHTED_SYMMETRIC, QuantizedBlocks, pack, quantize_sym_weighted
+
+    fn = _load_ggml()
+    if fn is None:
+        pytest.skip("libggml-base (from llama-cpp-python) could not be loaded with ggml_quantize_chunk")
+    fmt = FORMATS[name]
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((512, fmt.block_size)) * rng.random((512, 1)) * 3).astype(np.float32)
+    x[5] = 0.0  # an all-zero block
+    importance = (rng.random(fmt.block_size) ** 3 + 1e-3).astype(np.float32)
+    theirs = np.zeros((x.shape[0], fmt.type_size), np.uint8)
+    assert fn(fmt.type_id, x.ctypes.data, theirs.ctypes.data, 0, x.shape[0], x.shape[1],
+              importance.ctypes.data) == theirs.size
+    codes, d = quantize_sym_weighted(x, importance, WEIGHTED_SYMMETRIC[name])
+    ours = pack(QuantizedBlocks(name, codes[:, None, :], d[:, None]))
+    assert np.array_equal(ours.reshape(theirs.shape), theirs)

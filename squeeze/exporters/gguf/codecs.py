@@ -121,6 +121,50 @@ def _quantize_sym(x: np.ndarray, half: int) -> Parts:
     return np.minimum(2 * half - 1, t).astype(np.uint8), to_f16(d), None, None, None
 
 
+GROUP_MAX_EPS = 1e-15
+
+
+def quantize_sym_weighted(x: np.ndarray, importance: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0 (half=8) / Q5_0 (half=16) blocks as llama.cpp fits them with an imatrix (quantize_row_q4_0_impl:
+    make_qx_quants with weights importance * sqrt(sigma2 + x^2), sigma2 the mean square of the block).
+
+    x: (N, block) float32, importance: (block,) >= 0. Returns (codes uint8 (N, block), d float16 (N,)).
+    """
+    x = np.ascontiguousarray(x, dtype=F32)
+
+    def total(a):  # float32 sums in C's order (numpy's pairwise sums round differently)
+        return np.cumsum(a, axis=1, dtype=F32)[:, -1]
+
+    sigma2 = (total(x * x) / F32(x.shape[1]))[:, None]
+    w = importance.astype(F32)[None, :] * np.sqrt(sigma2 + x * x)
+    mx = x[np.arange(len(x)), np.abs(x).argmax(axis=1)]
+    live = np.abs(mx) >= GROUP_MAX_EPS
+    safe_max = np.where(live, mx, F32(1))
+
+    def levels(iscale):
+        return np.clip(np.round(iscale[:, None] * x), -half, half - 1)
+
+    levels_best = levels(-F32(half) / safe_max)
+    sumlx, suml2 = total(w * x * levels_best), total(w * levels_best * levels_best)
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, 1), 0).astype(F32)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        lv = levels(-(F32(half) + F32(0.1) * step) / safe_max)
+        sumlx, suml2 = total(w * x * lv), total(w * lv * lv)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        scale = np.where(better, sumlx / np.where(suml2 > 0, suml2, 1), scale).astype(F32)
+        best = np.where(better, scale * sumlx, best)
+        levels_best = np.where(better[:, None], lv, levels_best)
+    codes = np.where(live[:, None], levels_best + half, 0).astype(np.uint8)  # an all-zero block: codes 0
+    return codes, to_f16(np.where(live, scale, 0).astype(F32))
+
+
+# types whose blocks llama.cpp fits differently given an imatrix, as quantize_sym_weighted does
+WEIGHTED_SYMMETRIC = {"Q4_0": 8, "Q5_0": 16}
+
+
 def _quantize_asym(x: np.ndarray, nmax: int) -> Parts:
     """quantize_row_q4_1_ref (nmax=15) / q5_1_ref (nmax=31): min/max affine grid."""
     mn = first_pick(x, np.argmin)

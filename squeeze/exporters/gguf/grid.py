@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from squeeze.errors import SqueezeError
-from squeeze.exporters.gguf.codecs import QuantizedBlocks, get_format, group_params, pack, quantize_blocks
+from squeeze.exporters.gguf.codecs import (WEIGHTED_SYMMETRIC, QuantizedBlocks, get_format, group_params, pack,
+                                           quantize_blocks, quantize_sym_weighted)
 from squeeze.grid import LayerQParams
 
 
@@ -54,8 +55,14 @@ class GGUFGrid:
         return size
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> BlockParams:
-        """llama.cpp's reference quantizer's blocks (its search without an imatrix; ``importance`` unused)."""
-        qb = quantize_blocks(w.detach().float().cpu().numpy(), self.qtype)
+        """llama.cpp's reference quantizer's blocks; with ``importance`` (Q4_0/Q5_0), the scale llama.cpp
+        chooses given that imatrix (other types keep the reference fit)."""
+        x = w.detach().float().cpu().numpy()
+        if importance is not None and self.qtype in WEIGHTED_SYMMETRIC:
+            codes, d = quantize_sym_weighted(x, importance.detach().float().cpu().numpy(), WEIGHTED_SYMMETRIC[self.qtype])
+            qb = QuantizedBlocks(self.qtype, codes[:, None, :], d[:, None])
+        else:
+            qb = quantize_blocks(x, self.qtype)
         step, bias = group_params(qb)
         to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a[:, 0])).to(w.device)  # noqa: E731
         return BlockParams(qb, to_t(step), None if bias is None else to_t(bias))
