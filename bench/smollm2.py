@@ -141,6 +141,25 @@ def gguf_cells(cells: Cells, work: Path, model_dir: Path, text: Path, types) -> 
     return rows
 
 
+def speed_cell(cells: Cells, work: Path, model_dir: Path, text: Path) -> dict:
+    """Wall time of `squeeze eval` (torch, fp32) and of llama-perplexity (F32 GGUF) on the same model and
+    text, each a whole command including model loading, back to back in one run."""
+    f32 = work / "smollm2-f32.gguf"
+
+    def measure():
+        if not f32.is_file():
+            api.export(model_dir, "gguf", f32, qtype="f32", verify=False)
+        start = time.perf_counter()
+        _run([sys.executable, "-m", "squeeze.cli", "eval", model_dir, "--data", text, "--ctx", CTX, "--json"])
+        ours = time.perf_counter() - start
+        start = time.perf_counter()
+        llama_perplexity(f32, text)
+        theirs = time.perf_counter() - start
+        return {"squeeze_eval_seconds": ours, "llama_perplexity_seconds": theirs, "ratio": ours / theirs}
+
+    return cells.get("speed-eval", measure)
+
+
 def int_table(rows: list[dict]) -> str:
     fp32 = next(r["ppl"] for r in rows if r["cell"] == "fp32")
     lines = [f"torch fp32: **{fp32:.3f}**", "",
@@ -166,7 +185,7 @@ def gguf_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", choices=("all", "int", "gguf"), default="all")
+    ap.add_argument("--cells", choices=("all", "int", "gguf", "speed"), default="all")
     ap.add_argument("--types", nargs="*", default=list(GGUF_TYPES))
     ap.add_argument("--work", type=Path, default=None, help="[default: <cache>/bench-smollm2]")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "smollm2.md")
@@ -182,6 +201,13 @@ def main(argv=None) -> int:
     if args.cells in ("all", "gguf"):
         sections.append("## GGUF (llama-perplexity on each file)\n\n"
                         + gguf_table(gguf_cells(cells, work, model_dir, text, args.types)))
+    if args.cells in ("all", "speed"):
+        s = speed_cell(cells, work, model_dir, text)
+        sections.append("## Evaluation speed (fp32, whole commands, one run)\n\n"
+                        "| command | wall s |\n|---|---|\n"
+                        f"| `squeeze eval` (torch) | {s['squeeze_eval_seconds']:.1f} |\n"
+                        f"| `llama-perplexity` (F32 GGUF, {THREADS} threads) | {s['llama_perplexity_seconds']:.1f} |\n"
+                        f"| ratio | {s['ratio']:.2f} |")
     args.out.write_text(REPORT.format(sections="\n\n".join(sections), argv=" ".join(argv or sys.argv[1:])))
     print(f"wrote {args.out}")
     return 0
