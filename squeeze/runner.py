@@ -13,6 +13,7 @@ generic fallback); the linears of a block are those `select_linears` chose.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,9 +34,18 @@ class BlockInputs:
     hidden: list[torch.Tensor] = field(default_factory=list)
     args: list[tuple] = field(default_factory=list)  # positional arguments after the hidden states
     kwargs: list[dict] = field(default_factory=list)
+    # With run_sequential(track_float=True): the float model's hidden states for the same batches, and a
+    # float copy of the block being processed (what the quantized block should reproduce).
+    reference: list[torch.Tensor] | None = None
+    reference_block: nn.Module | None = None
 
     def __len__(self) -> int:
         return len(self.hidden)
+
+    def batch(self, i: int, reference: bool = False) -> "BlockInputs":
+        """Batch ``i`` alone (of the float stream with ``reference``)."""
+        hidden = self.reference if reference else self.hidden
+        return BlockInputs(hidden[i : i + 1], self.args[i : i + 1], self.kwargs[i : i + 1])
 
 
 class _Captured(Exception):
@@ -121,6 +131,20 @@ def collect_inputs(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.M
             handle.remove()
 
 
+@torch.no_grad()
+def collect_paired_inputs(
+    block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], prefix: str, observe: Callable
+) -> None:
+    """Like `collect_inputs`, calling ``observe(name, x, x_ref)`` with each layer's input in the block and the
+    same layer's input in the float copy (``inputs.reference_block`` on ``inputs.reference``), batch by batch."""
+    ref_layers = {n: inputs.reference_block.get_submodule(n[len(prefix):]) for n in layers}
+    for i in range(len(inputs)):
+        ref_x: dict[str, torch.Tensor] = {}
+        collect_inputs(inputs.reference_block, inputs.batch(i, reference=True), ref_layers,
+                       lambda n, x: ref_x.__setitem__(n, x))
+        collect_inputs(block, inputs.batch(i), layers, lambda n, x: observe(n, x, ref_x[n]))
+
+
 def block_layers(layers: dict[str, nn.Module], blocks_name: str, n_blocks: int) -> list[dict[str, nn.Module]]:
     """Split the selected layers by block; layers outside the blocks cannot be calibrated sequentially."""
     per_block: list[dict[str, nn.Module]] = [{} for _ in range(n_blocks)]
@@ -150,11 +174,14 @@ def run_sequential(
     process_block: ProcessBlock,
     device: torch.device | str | None = None,
     desc: str = "calibrate",
+    track_float: bool = False,
 ) -> dict[str, dict]:
     """Calibrate ``model`` block by block; ``process_block(prefix, block, its layers, inputs)`` returns records.
 
     ``process_block`` quantizes the block in place (replacing its layers in
     ``model``); the runner then feeds the quantized block's outputs forward.
+    ``track_float`` also carries the float model's hidden states (``inputs.reference``) and hands
+    ``process_block`` a float copy of each block (``inputs.reference_block``): one more block pass each.
     """
     if calib is None:
         raise SqueezeError(f"{desc} needs calibration data (--calib FILE, or --calib self)")
@@ -167,13 +194,20 @@ def run_sequential(
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     inputs = capture_block_inputs(model, blocks[0], calib.input_ids, device)
+    if track_float:
+        inputs.reference = list(inputs.hidden)
     records: dict[str, dict] = {}
     bar = tqdm(range(len(blocks)), desc=desc, unit="block", leave=False)
     for index in bar:
         block = blocks[index].to(device)
+        if track_float:
+            inputs.reference_block = copy.deepcopy(block)
         if per_block[index]:
             records.update(process_block(f"{blocks_name}.{index}.", block, per_block[index], inputs))
         inputs.hidden = run_block(block, inputs)
+        if track_float:
+            inputs.reference = run_block(inputs.reference_block, BlockInputs(inputs.reference, inputs.args, inputs.kwargs))
+            inputs.reference_block = None
         block.to(home)
         bar.set_postfix_str(f"{blocks_name}.{index} done")
     return records

@@ -128,3 +128,30 @@ def test_records_reach_the_checkpoint_and_inspect(tiny_models, tmp_path):
                            CalibConfig(nsamples=2, seqlen=32))
     text = format_description(describe(out))
     assert "output rel. MSE" in text and "transformer.h.1.mlp.c_proj" in text
+
+
+def test_track_float_carries_the_float_models_hidden_states(tiny_models):
+    """With track_float, inputs.reference at block i is the float model's hidden_states[i] even while the
+    blocks before it were quantized, and reference_block is a float copy of block i."""
+    model = api.load(tiny_models["llama"])
+    calib = _calib()
+    with torch.no_grad():
+        hidden = model(calib.input_ids, output_hidden_states=True, use_cache=False).hidden_states
+    gptq_process = None
+    seen = []
+
+    def record(prefix, block, block_layers, inputs):
+        seen.append(torch.cat(inputs.reference))
+        assert not any(isinstance(m, QuantLinear) for m in inputs.reference_block.modules())
+        return gptq_process(prefix, block, block_layers, inputs)
+
+    from squeeze.passes.gptq import _process_block
+    from squeeze.passes.common import select_layers
+
+    config = GPTQ(scheme=get_scheme("w3g32-asym"), float_target=True)
+    layers, schemes = select_layers(model, config)
+    gptq_process = _process_block(model, config, schemes)
+    run_sequential(model, layers, calib, record, track_float=True)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == len(layers)
+    for i, ref in enumerate(seen):
+        assert torch.allclose(ref, hidden[i], atol=1e-5), (i, (ref - hidden[i]).abs().max())

@@ -70,3 +70,62 @@ def test_transformers_dequantization_lies_on_the_q4_1_grid(smollm2_gguf, smollm2
         rounded = rtn_codes(module.weight.detach(), get_scheme("q4_1"))
         assert torch.equal(rounded.values, module.weight.detach()), name
         assert np.array_equal(rounded.qparams.blocks.numpy(), raw[name].view(np.uint8)), name
+
+
+# ---- slow: whole-model runs on SmolLM2 (minutes each) -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf):
+    from bench.models import smollm2_dir as make
+
+    return make()
+
+
+@pytest.fixture(scope="session")
+def wiki_text():
+    from bench.models import WIKITEXT_TEST, wikitext_lines
+
+    if not WIKITEXT_TEST.is_file():
+        pytest.skip(f"needs the WikiText-2 test split at {WIKITEXT_TEST} (../shared/data/text)")
+    return wikitext_lines(300)
+
+
+@pytest.fixture(scope="session")
+def smollm2_rtn(smollm2_dir, tmp_path_factory):
+    import squeeze
+    from squeeze.passes.rtn import RTN
+    from squeeze.scheme import get_scheme
+
+    out = tmp_path_factory.mktemp("smollm2") / "rtn-w4g128"
+    return squeeze.api.quantize_dir(smollm2_dir, out, RTN(scheme=get_scheme("w4g128")))
+
+
+@pytest.mark.slow
+def test_gptq_recovers_rtns_gap_on_smollm2(smollm2_dir, smollm2_rtn, wiki_text, tmp_path):
+    """GPTQ with default flags, calibrated on the bundled (stories) corpus, evaluated on WikiText-2: it
+    must recover at least a quarter of RTN's perplexity gap at w4g128 (measured 30-40%, bench/smollm2.py)."""
+    import squeeze
+    from squeeze.calib import CalibConfig
+    from squeeze.passes.gptq import GPTQ
+    from squeeze.scheme import get_scheme
+
+    out = squeeze.api.quantize_dir(smollm2_dir, tmp_path / "gptq", GPTQ(scheme=get_scheme("w4g128")),
+                                   CalibConfig(None, 64, 512, 0))
+    fp32, rtn, gptq = (squeeze.evaluate(m, wiki_text, ctx=512, progress=False).ppl
+                       for m in (smollm2_dir, smollm2_rtn, out))
+    assert fp32 == pytest.approx(28.98, abs=0.01)  # the issue's torch fp32 figure (22,743 tokens)
+    assert (rtn - gptq) / (rtn - fp32) > 0.25, (fp32, rtn, gptq)
+
+
+@pytest.mark.slow
+def test_smollm2_checkpoint_exports_to_gguf_and_onnx(smollm2_rtn, tmp_path):
+    """576-wide rows make K types fall back (said in the notes, as llama-quantize does); both files verify."""
+    pytest.importorskip("onnxruntime")
+    import squeeze
+
+    gguf_art = squeeze.export(smollm2_rtn, "gguf", tmp_path / "m.gguf", qtype="q4_k_m", requantize=True)
+    assert any("fall back" in note or "fallback" in note for note in gguf_art.notes), gguf_art.notes
+    assert gguf_art.verification["top1_agreement"] > 0.8
+    onnx_art = squeeze.export(smollm2_rtn, "onnx", tmp_path / "m.onnx")  # int4 MatMulNBits from the checkpoint
+    assert "int4" in onnx_art.type and onnx_art.verification["top1_agreement"] > 0.99

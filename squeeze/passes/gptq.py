@@ -17,9 +17,10 @@ from squeeze.errors import SqueezeError
 from squeeze.grid import grid_for
 from squeeze.model import linear_weight
 from squeeze.passes.common import replace_with_quant_linear, select_layers
-from squeeze.passes.gptq_core import GPTQResult, HessianAccumulator, gptq_quantize, output_rel_error
+from squeeze.passes.gptq_core import (CrossAccumulator, GPTQResult, HessianAccumulator, float_target_weight,
+                                     gptq_quantize, output_rel_error)
 from squeeze.registry import register_pass
-from squeeze.runner import BlockInputs, collect_inputs, groups_by_shared_input, run_sequential
+from squeeze.runner import BlockInputs, collect_inputs, collect_paired_inputs, groups_by_shared_input, run_sequential
 from squeeze.scheme import GGUFMix, QuantScheme, get_scheme
 
 
@@ -30,6 +31,8 @@ class GPTQ:
     ``token_cap``: a calibration token counts in the Hessian with at most this many times the median token's
     input energy (attention sinks, `cap_outlier_tokens`); None counts every token as it is.
     ``weighted_fit``: group scales are chosen by importance-weighted error (Hessian diagonal), not min-max.
+    ``float_target``: each layer matches the float model's outputs rather than the float layer's outputs on
+    the already-quantized inputs (`float_target_weight`); costs a float copy of the block stream.
     """
 
     scheme: QuantScheme | GGUFMix = field(default_factory=lambda: get_scheme("w4g128"))
@@ -42,6 +45,7 @@ class GPTQ:
     true_sequential: bool = True
     token_cap: float | None = 100.0
     weighted_fit: bool = True
+    float_target: bool = False
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -55,11 +59,16 @@ class GPTQ:
             raise SqueezeError("GPTQ quantizes weights only; for int8 activations use --method smoothquant or rtn")
 
 
-def quantize_linear(module: nn.Module, hessian: torch.Tensor, config: GPTQ, scheme: QuantScheme) -> GPTQResult:
-    """GPTQ for one layer given its input Hessian. GGUF blocks hold contiguous columns, so act-order on a
-    GGUF grid fits its blocks in the original column order (static groups)."""
+def quantize_linear(module: nn.Module, hessian: torch.Tensor, config: GPTQ, scheme: QuantScheme,
+                    cross: torch.Tensor | None = None) -> GPTQResult:
+    """GPTQ for one layer given its input Hessian (and with ``cross``, the float target's cross term).
+    GGUF blocks hold contiguous columns, so act-order on a GGUF grid fits its blocks in the original column
+    order (static groups)."""
+    weight = linear_weight(module).detach()
+    if cross is not None:
+        weight = float_target_weight(weight, hessian, cross, config.damp)
     return gptq_quantize(
-        linear_weight(module).detach(),
+        weight,
         hessian,
         grid_for(scheme),
         block_size=config.block_size,
@@ -81,13 +90,18 @@ def install(model: nn.Module, name: str, module: nn.Module, result: GPTQResult, 
 
 
 def _process_block(model: nn.Module, config: GPTQ, schemes: dict[str, QuantScheme]):
-    def hessians(block, inputs: BlockInputs, groups: list[list[str]], layers) -> dict[str, torch.Tensor]:
-        """One Hessian per group of layers fed the same input (q/k/v, gate/up), from one pass over the block."""
+    def statistics(prefix, block, inputs: BlockInputs, groups: list[list[str]], layers):
+        """One Hessian (and cross term) per group of layers fed the same input (q/k/v, gate/up), from one
+        pass over the block."""
         device = inputs.hidden[0].device
-        acc = {g[0]: HessianAccumulator(linear_weight(layers[g[0]]).shape[1], device, config.token_cap)
-               for g in groups}
-        collect_inputs(block, inputs, {n: layers[n] for n in acc}, lambda n, x: acc[n].add(x))
-        return {n: acc[g[0]].hessian for g in groups for n in g}
+        leaders = {g[0]: layers[g[0]] for g in groups}
+        if config.float_target:
+            acc = {n: CrossAccumulator(linear_weight(m).shape[1], device, config.token_cap) for n, m in leaders.items()}
+            collect_paired_inputs(block, inputs, leaders, prefix, lambda n, x, x_ref: acc[n].add_pair(x, x_ref))
+        else:
+            acc = {n: HessianAccumulator(linear_weight(m).shape[1], device, config.token_cap) for n, m in leaders.items()}
+            collect_inputs(block, inputs, leaders, lambda n, x: acc[n].add(x))
+        return {n: (acc[g[0]].hessian, getattr(acc[g[0]], "cross", None)) for g in groups for n in g}
 
     def process(prefix: str, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs) -> dict[str, dict]:
         groups = groups_by_shared_input(block, inputs, layers)
@@ -95,10 +109,11 @@ def _process_block(model: nn.Module, config: GPTQ, schemes: dict[str, QuantSchem
         stages = [[g] for g in groups] if config.true_sequential else [groups]
         records = {}
         for stage in stages:
-            hessian = hessians(block, inputs, stage, layers)
+            stats = statistics(prefix, block, inputs, stage, layers)
             for n in (n for g in stage for n in g):
-                result = quantize_linear(layers[n], hessian[n], config, schemes[n])
-                records[n] = install(model, n, layers[n], result, hessian[n], schemes[n])
+                hessian, cross = stats[n]
+                result = quantize_linear(layers[n], hessian, config, schemes[n], cross)
+                records[n] = install(model, n, layers[n], result, hessian, schemes[n])
         return records
 
     return process
@@ -106,7 +121,8 @@ def _process_block(model: nn.Module, config: GPTQ, schemes: dict[str, QuantSchem
 
 def apply_gptq(model: nn.Module, config: GPTQ, calib=None) -> dict[str, dict]:
     layers, schemes = select_layers(model, config)
-    return run_sequential(model, layers, calib, _process_block(model, config, schemes), config.device, desc="gptq")
+    return run_sequential(model, layers, calib, _process_block(model, config, schemes), config.device, desc="gptq",
+                          track_float=config.float_target)
 
 
 register_pass("gptq", GPTQ, apply_gptq, lambda config: True)

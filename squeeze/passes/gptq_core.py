@@ -24,8 +24,9 @@ log = logging.getLogger("squeeze")
 MAX_DAMP_RETRIES = 8  # damping grows 10x per retry: 0.01 -> 1e6 x mean diagonal at most
 
 
-def cap_outlier_tokens(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """Scale down tokens whose energy ||x||^2 exceeds ``cap`` x the median token's, to exactly that bound.
+def outlier_token_weights(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-token weights [n] that bring tokens whose energy ||x||^2 exceeds ``cap`` x the median token's
+    down to exactly that bound (1 for every other token).
 
     Attention-sink tokens carry massive activations (SmolLM2-135M: one token in a window of 512 holds
     99.8% of layer 11's down_proj input energy). Unweighted, such a token alone sets the Hessian and with
@@ -35,8 +36,12 @@ def cap_outlier_tokens(x: torch.Tensor, cap: float) -> torch.Tensor:
     """
     energy = x.pow(2).sum(dim=1)
     bound = cap * energy.median()
-    weight = torch.where(energy > bound, bound / energy.clamp(min=1e-30), torch.ones_like(energy))
-    return x * weight.sqrt().unsqueeze(1)
+    return torch.where(energy > bound, bound / energy.clamp(min=1e-30), torch.ones_like(energy))
+
+
+def cap_outlier_tokens(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``x`` [n, in] with each token scaled by the square root of `outlier_token_weights`."""
+    return x * outlier_token_weights(x, cap).sqrt().unsqueeze(1)
 
 
 class HessianAccumulator:
@@ -59,6 +64,50 @@ class HessianAccumulator:
         self.count += n
         x = x * math.sqrt(2.0 / self.count)
         self.hessian.addmm_(x.t(), x)
+
+
+class CrossAccumulator(HessianAccumulator):
+    """H = 2/n sum(x x^T) and C = 2/n sum(x_ref x^T) for paired inputs: x the quantized model's, x_ref the
+    float model's for the same token (asymmetric calibration, `float_target_weight`)."""
+
+    def __init__(self, in_features: int, device=None, token_cap: float | None = None):
+        super().__init__(in_features, device, token_cap)
+        self.cross = torch.zeros_like(self.hessian)
+
+    def add_pair(self, x: torch.Tensor, x_ref: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x_ref = x_ref.detach().reshape(-1, x_ref.shape[-1]).float()
+        if self.token_cap is not None:
+            w = outlier_token_weights(x, self.token_cap).sqrt().unsqueeze(1)
+            x, x_ref = x * w, x_ref * w
+        n = x.shape[0]
+        keep = self.count / (self.count + n)
+        self.hessian.mul_(keep)
+        self.cross.mul_(keep)
+        self.count += n
+        k = math.sqrt(2.0 / self.count)
+        x, x_ref = x * k, x_ref * k
+        self.hessian.addmm_(x.t(), x)
+        self.cross.addmm_(x_ref.t(), x)
+
+
+def float_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight whose outputs on the quantized model's inputs best match the float model's outputs.
+
+    min_Q sum_t ||Q x_t - W x_ref_t||^2 = ||(Q - W') X||^2 + const with W' = W C H^-1 (C = sum x_ref x^T,
+    H = sum x x^T), so GPTQ on W' with H minimises the error against the float model's outputs, not against
+    the float layer applied to already-perturbed inputs (GPTAQ, Li et al. 2025, in closed form). Written as
+    W + W (C - H)(H + damp I)^-1 so that equal inputs give W back exactly.
+    """
+    W = weight.detach().float()
+    n = hessian.shape[0]
+    lam = damp * float(torch.diag(hessian).mean().clamp(min=1e-12))
+    damped = hessian + lam * torch.eye(n, device=hessian.device, dtype=hessian.dtype)
+    chol, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0:
+        return W
+    correction = torch.cholesky_solve((cross - hessian).t() @ W.t(), chol).t()  # W (C - H) (H + lam I)^-1
+    return W + correction
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
