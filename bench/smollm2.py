@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# bench/gguf.py is named like the gguf package: keep bench/ off the import path so `import gguf` finds gguf-py
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
 from bench.models import cache_dir, smollm2_dir, smollm2_gguf, wikitext_lines  # noqa: E402
@@ -93,10 +95,10 @@ def quantize_cell(model_dir: Path, out: Path, method: str, scheme: str) -> dict:
     return {"quantize_seconds": time.perf_counter() - start}
 
 
-def int_cells(cells: Cells, work: Path, model_dir: Path, text: Path) -> list[dict]:
+def int_cells(cells: Cells, work: Path, model_dir: Path, text: Path, methods=INT_METHODS) -> list[dict]:
     rows = [cells.get("fp32", lambda: {"ppl": api.evaluate(model_dir, text, ctx=CTX, progress=False).ppl})]
     for scheme in INT_SCHEMES:
-        for method in INT_METHODS:
+        for method in methods:
             def measure(method=method, scheme=scheme):
                 out = work / f"{method}-{scheme}"
                 row = quantize_cell(model_dir, out, method, scheme)
@@ -106,7 +108,10 @@ def int_cells(cells: Cells, work: Path, model_dir: Path, text: Path) -> list[dic
     return rows
 
 
-def gguf_cells(cells: Cells, work: Path, model_dir: Path, text: Path, types) -> list[dict]:
+GGUF_VARIANTS = ("llama.cpp", "llama.cpp+imatrix", "squeeze-gptq")
+
+
+def gguf_cells(cells: Cells, work: Path, model_dir: Path, text: Path, types, variants=GGUF_VARIANTS) -> list[dict]:
     f32 = work / "smollm2-f32.gguf"
     if not f32.is_file():
         api.export(model_dir, "gguf", f32, qtype="f32", verify=False)
@@ -121,7 +126,7 @@ def gguf_cells(cells: Cells, work: Path, model_dir: Path, text: Path, types) -> 
 
     imatrix_row = cells.get("imatrix", make_imatrix)
     for qtype in types:
-        for variant in ("llama.cpp", "llama.cpp+imatrix", "squeeze-gptq"):
+        for variant in variants:
             def measure(qtype=qtype, variant=variant):
                 out = work / f"{variant}-{qtype}.gguf"
                 start = time.perf_counter()
@@ -187,6 +192,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", choices=("all", "int", "gguf", "speed"), default="all")
     ap.add_argument("--types", nargs="*", default=list(GGUF_TYPES))
+    ap.add_argument("--variants", nargs="*", default=list(GGUF_VARIANTS), choices=GGUF_VARIANTS)
+    ap.add_argument("--methods", nargs="*", default=list(INT_METHODS), choices=INT_METHODS)
     ap.add_argument("--work", type=Path, default=None, help="[default: <cache>/bench-smollm2]")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "smollm2.md")
     ap.add_argument("--fresh", action="store_true", help="Measure every cell again.")
@@ -197,10 +204,10 @@ def main(argv=None) -> int:
     model_dir, text = smollm2_dir(), wikitext_lines(EVAL_LINES)
     sections = []
     if args.cells in ("all", "int"):
-        sections.append("## Integer grids (squeeze eval in torch)\n\n" + int_table(int_cells(cells, work, model_dir, text)))
+        sections.append("## Integer grids (squeeze eval in torch)\n\n" + int_table(int_cells(cells, work, model_dir, text, args.methods)))
     if args.cells in ("all", "gguf"):
         sections.append("## GGUF (llama-perplexity on each file)\n\n"
-                        + gguf_table(gguf_cells(cells, work, model_dir, text, args.types)))
+                        + gguf_table(gguf_cells(cells, work, model_dir, text, args.types, args.variants)))
     if args.cells in ("all", "speed"):
         s = speed_cell(cells, work, model_dir, text)
         sections.append("## Evaluation speed (fp32, whole commands, one run)\n\n"

@@ -17,7 +17,8 @@ from squeeze.errors import SqueezeError, VerificationError
 METHODS = ("rtn", "gptq", "awq", "smoothquant")  # the registered passes the CLI exposes (see squeeze.registry)
 # Flags that only some methods take: flag -> the config field it sets, per method.
 METHOD_FLAGS: dict[str, tuple[str, ...]] = {
-    "gptq": ("damp", "block_size", "act_order", "static_groups"),
+    "gptq": ("damp", "block_size", "act_order", "static_groups", "token_cap", "weighted_fit", "float_target"),
+    "awq": ("token_cap",),
     "smoothquant": ("alpha",),
 }
 # Scheme defaults per method when neither --scheme nor the flag is given: (bits, granularity, act).
@@ -46,7 +47,7 @@ def _scheme_from_flags(scheme, bits, group_size, granularity, asym, act, act_obs
 
 def _method_options(method: str, given: dict) -> dict:
     """The method-specific flags that were given, checked against the method (e.g. --damp is GPTQ's)."""
-    options = {k: v for k, v in given.items() if v is not None and v is not False}
+    options = {k: v for k, v in given.items() if v is not None}
     for key in options:
         if key not in METHOD_FLAGS.get(method, ()):
             owners = [m for m, keys in METHOD_FLAGS.items() if key in keys]
@@ -81,15 +82,24 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--damp", type=float, default=None, help="gptq: dampening, a fraction of the mean Hessian diagonal [0.01].")
 @click.option("--block-size", type=int, default=None, help="gptq: columns per lazy-batch update [128].")
-@click.option("--act-order", is_flag=True, help="gptq: quantize columns in order of decreasing Hessian diagonal.")
-@click.option("--static-groups", is_flag=True, help="gptq: fix group scales before the updates (with --act-order).")
+@click.option("--act-order/--no-act-order", default=None,
+              help="gptq: quantize columns in order of decreasing Hessian diagonal.")
+@click.option("--static-groups/--no-static-groups", default=None,
+              help="gptq: fit group scales on the original weight before the updates (contiguous groups).")
+@click.option("--token-cap", type=float, default=None,
+              help="gptq/awq: a calibration token counts with at most this many times the median token's input "
+                   "energy (attention sinks); 0 counts every token as it is [100].")
+@click.option("--weighted-fit/--no-weighted-fit", default=None,
+              help="gptq: choose group scales by Hessian-diagonal-weighted error instead of min-max [on].")
+@click.option("--float-target/--no-float-target", default=None,
+              help="gptq: match the float model's outputs, not the float layer's on already-quantized inputs.")
 @click.option("--alpha", type=float, default=None, help="smoothquant: migration strength in [0, 1] [0.5].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe (overrides method/scheme flags).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
-             ignore, calib, nsamples, seqlen, seed, damp, block_size, act_order, static_groups, alpha, dtype, recipe,
-             overwrite) -> None:
+             ignore, calib, nsamples, seqlen, seed, damp, block_size, act_order, static_groups, token_cap, weighted_fit,
+             float_target, alpha, dtype, recipe, overwrite) -> None:
     """Quantize MODEL (a Hugging Face model directory or a GGUF file) into a checkpoint at OUTPUT."""
     from squeeze import api
     from squeeze.calib import SELF, CalibConfig
@@ -113,7 +123,11 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
     if calib is not None and calib != SELF and not Path(calib).is_file():
         raise SqueezeError(f"calibration file {calib!r} does not exist (or pass --calib self)")
     options = _method_options(method, {"damp": damp, "block_size": block_size, "act_order": act_order,
-                                       "static_groups": static_groups, "alpha": alpha})
+                                       "static_groups": static_groups, "alpha": alpha, "weighted_fit": weighted_fit,
+                                       "float_target": float_target,
+                                       "token_cap": None if token_cap is None else (token_cap or False)})
+    if options.get("token_cap") is False:  # --token-cap 0: no cap
+        options["token_cap"] = None
     if recipe is not None:
         config = Recipe.load_yaml(recipe)
     else:
