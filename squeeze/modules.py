@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from squeeze.primitives import dequantize, fake_quant_activation
+from squeeze.primitives import dequantize, fake_quant_activation, group_index
 from squeeze.scheme import QuantScheme
 
 
@@ -72,6 +72,11 @@ class QuantLinear(nn.Module):
         if bias is not None:
             layer.bias.data.copy_(bias.to(dtype))
         return layer.to(codes.device)
+
+    def has_ordered_groups(self) -> bool:
+        """Whether every group is a run of consecutive input columns (not GPTQ act-order's permuted g_idx)."""
+        expected = group_index(self.in_features, self.scheme.group_size_for(self.in_features))
+        return torch.equal(self.g_idx.cpu(), expected)
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.offsets is None:
