@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from squeeze import api
-from squeeze.errors import SqueezeError
+from squeeze.model import load_tokenizer
 
 pytest.importorskip("gguf", reason="gguf-py is not installed (pip install 'squeeze[gguf]')")
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'squeeze[gguf]')")
@@ -68,9 +68,9 @@ def test_cli_eval_gguf_matches_torch_perplexity(qtype, stories_gguf, stories_dir
     assert result["kld"] < 1e-4 and result["top1_agreement"] > 0.99
 
 
-def test_eval_gguf_needs_a_tokenizer(stories_gguf, short_text):
-    from squeeze.cli import main
-
-    with pytest.raises(SqueezeError, match="needs a tokenizer"):
-        api.evaluate(stories_gguf["f32"], short_text, progress=False)
-    assert main(["eval", str(stories_gguf["f32"]), "--data", str(short_text)]) == 2
+def test_eval_gguf_alone_uses_the_files_tokenizer(stories_gguf, stories_dir, short_text):
+    """No model directory beside the file and no --reference: the GGUF's own vocabulary tokenizes (in
+    llama.cpp), giving the same tokens and perplexity as with the source directory's tokenizer."""
+    alone = api.evaluate(stories_gguf["f32"], short_text, progress=False)
+    with_dir = api.evaluate(stories_gguf["f32"], short_text, tokenizer=load_tokenizer(stories_dir), progress=False)
+    assert alone.tokens == with_dir.tokens and alone.ppl == pytest.approx(with_dir.ppl, rel=1e-9)
