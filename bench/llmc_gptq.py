@@ -1,6 +1,6 @@
 """GPTQ w4g32-asym through llm-compressor, for bench/quality.py (runs in an interpreter that has llmcompressor).
 
-    python bench/llmc_gptq.py MODEL_DIR CALIB_IDS.pt OUT_DIR IGNORE1,IGNORE2
+    python bench/llmc_gptq.py MODEL_DIR CALIB_IDS.pt OUT_DIR IGNORE1,IGNORE2 [BITS,GROUP,sym|asym,ACTORDER]
 
 Writes OUT_DIR/weights.safetensors (the quantized layers' dequantized weights,
 which llm-compressor leaves in ``module.weight``) and OUT_DIR/info.json
@@ -15,7 +15,8 @@ import sys
 import time
 
 
-def main(model_dir: str, calib_file: str, out_dir: str, ignore: str) -> None:
+def main(model_dir: str, calib_file: str, out_dir: str, ignore: str, scheme: str = "4,32,asym,none") -> None:
+    """``scheme`` = "bits,group,sym|asym,actorder" (actorder: none, static, group, weight)."""
     import llmcompressor
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -28,13 +29,15 @@ def main(model_dir: str, calib_file: str, out_dir: str, ignore: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ids = torch.load(calib_file)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    weights = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32)
+    bits, group, symmetry, actorder = scheme.split(",")
+    weights = QuantizationArgs(num_bits=int(bits), type="int", symmetric=symmetry == "sym", strategy="group",
+                               group_size=int(group))
     modifier = GPTQModifier(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
         ignore=["lm_head", *(f"re:.*{name}" for name in ignore.split(",") if name)],
         block_size=128,
         dampening_frac=0.01,
-        actorder=None,
+        actorder=None if actorder == "none" else actorder,
     )
     start = time.perf_counter()
     oneshot(model=model, dataset=dataset, recipe=modifier, num_calibration_samples=len(ids),
@@ -50,4 +53,4 @@ def main(model_dir: str, calib_file: str, out_dir: str, ignore: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

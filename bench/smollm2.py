@@ -146,6 +146,52 @@ def gguf_cells(cells: Cells, work: Path, model_dir: Path, text: Path, types, var
     return rows
 
 
+LLMC_SCHEMES = ("w4g64",)  # llm-compressor groups need the row to divide: 576 = 9 x 64
+
+
+def llmc_cells(cells: Cells, work: Path, model_dir: Path, text: Path, llmc_python: str) -> list[dict]:
+    """llm-compressor's GPTQ (W4A16 groups of 64, act-order "static" like squeeze's default) and squeeze's
+    GPTQ defaults on the same 64 x 512 calibration windows, each scored by squeeze in torch."""
+    import torch
+    from safetensors.torch import load_file
+
+    from squeeze.calib import load_calibration
+    from squeeze.sources import source_tokenizer
+
+    calib = CalibConfig(None, NSAMPLES, CTX, 0)
+    rows = []
+    for scheme in LLMC_SCHEMES:
+        bits, group = scheme[1], scheme.split("g")[1]
+
+        def theirs(scheme=scheme, bits=bits, group=group):
+            out = work / f"llmc-{scheme}"
+            out.mkdir(parents=True, exist_ok=True)
+            ids = load_calibration(source_tokenizer(model_dir), calib).input_ids
+            torch.save(ids, out / "calib.pt")
+            _run([llmc_python, ROOT / "bench" / "llmc_gptq.py", model_dir, out / "calib.pt", out, "",
+                  f"{bits},{group},sym,static"])
+            info = json.loads((out / "info.json").read_text())
+            model = api.load(model_dir)
+            model.load_state_dict(load_file(out / "weights.safetensors"), strict=False)
+            return {"tool": f"llm-compressor {info['version']}", "scheme": scheme, "quantize_seconds": info["quant_s"],
+                    "ppl": api.evaluate(model, text, ctx=CTX, tokenizer=source_tokenizer(model_dir), progress=False).ppl}
+
+        def ours(scheme=scheme):
+            out = work / f"gptq64-{scheme}"
+            row = quantize_cell(model_dir, out, "gptq", scheme, calib)
+            return {**row, "tool": "squeeze", "scheme": scheme,
+                    "ppl": api.evaluate(out, text, ctx=CTX, progress=False).ppl}
+
+        rows += [cells.get(f"llmc-{scheme}", theirs), cells.get(f"squeeze-gptq64-{scheme}", ours)]
+    return rows
+
+
+def llmc_table(rows: list[dict]) -> str:
+    lines = ["| scheme | tool | ppl | quantize s |", "|---|---|---|---|"]
+    lines += [f"| {r['scheme']} | {r['tool']} | {r['ppl']:.3f} | {r['quantize_seconds']:.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def speed_cell(cells: Cells, work: Path, model_dir: Path, text: Path) -> dict:
     """Wall time of `squeeze eval` (torch, fp32) and of llama-perplexity (F32 GGUF) on the same model and
     text, each a whole command including model loading, back to back in one run."""
@@ -190,7 +236,10 @@ def gguf_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", choices=("all", "int", "gguf", "speed"), default="all")
+    ap.add_argument("--cells", choices=("all", "int", "gguf", "speed", "llmc"), default="all")
+    ap.add_argument("--llmc-python", default=None,
+                    help="interpreter with llmcompressor (see bench/quality.py for its environment); without it "
+                         "the llm-compressor comparison is left out")
     ap.add_argument("--types", nargs="*", default=list(GGUF_TYPES))
     ap.add_argument("--variants", nargs="*", default=list(GGUF_VARIANTS), choices=GGUF_VARIANTS)
     ap.add_argument("--methods", nargs="*", default=list(INT_METHODS), choices=INT_METHODS)
@@ -208,6 +257,9 @@ def main(argv=None) -> int:
     if args.cells in ("all", "gguf"):
         sections.append("## GGUF (llama-perplexity on each file)\n\n"
                         + gguf_table(gguf_cells(cells, work, model_dir, text, args.types, args.variants)))
+    if args.cells in ("all", "llmc") and args.llmc_python:
+        sections.append("## GPTQ beside llm-compressor (same 64 x 512 calibration windows, torch perplexity)\n\n"
+                        + llmc_table(llmc_cells(cells, work, model_dir, text, args.llmc_python)))
     if args.cells in ("all", "speed"):
         s = speed_cell(cells, work, model_dir, text)
         sections.append("## Evaluation speed (fp32, whole commands, one run)\n\n"
