@@ -16,7 +16,9 @@ through a .pth file (as measured for reports/quality.md):
 
     python -m venv /tmp/llmc
     python -c "import site; print(site.getsitepackages()[0])" > /tmp/llmc/lib/python3.11/site-packages/zz_main.pth
-    /tmp/llmc/bin/pip install --no-deps llmcompressor "transformers<=5.17" compressed-tensors  # + their light deps
+    /tmp/llmc/bin/pip install --no-deps llmcompressor "transformers<=5.17" compressed-tensors \
+        "huggingface-hub>=1.5,<2" loguru httpx httpcore h11 anyio sniffio datasets multiprocess pandas \
+        pyarrow dill xxhash  # the light deps, as installed for reports/smollm2.md (llm-compressor 0.14.0.1)
     python bench/quality.py --llmc-python /tmp/llmc/bin/python
 """
 
