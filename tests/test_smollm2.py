@@ -93,12 +93,12 @@ def wiki_text():
 
 @pytest.fixture(scope="session")
 def smollm2_rtn(smollm2_dir, tmp_path_factory):
-    import squeeze
+    from squeeze import api
     from squeeze.passes.rtn import RTN
     from squeeze.scheme import get_scheme
 
     out = tmp_path_factory.mktemp("smollm2") / "rtn-w4g128"
-    return squeeze.api.quantize_dir(smollm2_dir, out, RTN(scheme=get_scheme("w4g128")))
+    return api.quantize_dir(smollm2_dir, out, RTN(scheme=get_scheme("w4g128")))
 
 
 @pytest.mark.slow
@@ -110,7 +110,7 @@ def test_gptq_recovers_rtns_gap_on_smollm2(smollm2_dir, smollm2_rtn, wiki_text, 
     from squeeze.passes.gptq import GPTQ
     from squeeze.scheme import get_scheme
 
-    out = squeeze.api.quantize_dir(smollm2_dir, tmp_path / "gptq", GPTQ(scheme=get_scheme("w4g128")),
+    out = api.quantize_dir(smollm2_dir, tmp_path / "gptq", GPTQ(scheme=get_scheme("w4g128")),
                                    CalibConfig(None, 64, 512, 0))
     fp32, rtn, gptq = (squeeze.evaluate(m, wiki_text, ctx=512, progress=False).ppl
                        for m in (smollm2_dir, smollm2_rtn, out))
