@@ -106,12 +106,13 @@ def test_gptq_recovers_rtns_gap_on_smollm2(smollm2_dir, smollm2_rtn, wiki_text, 
     """GPTQ with default flags, calibrated on the bundled (stories) corpus, evaluated on WikiText-2: it
     must recover at least a quarter of RTN's perplexity gap at w4g128 (measured 30-40%, bench/smollm2.py)."""
     import squeeze
+    from squeeze import api
     from squeeze.calib import CalibConfig
     from squeeze.passes.gptq import GPTQ
     from squeeze.scheme import get_scheme
 
     out = api.quantize_dir(smollm2_dir, tmp_path / "gptq", GPTQ(scheme=get_scheme("w4g128")),
-                                   CalibConfig(None, 64, 512, 0))
+                           CalibConfig(None, 64, 512, 0))
     fp32, rtn, gptq = (squeeze.evaluate(m, wiki_text, ctx=512, progress=False).ppl
                        for m in (smollm2_dir, smollm2_rtn, out))
     assert fp32 == pytest.approx(28.98, abs=0.01)  # the issue's torch fp32 figure (22,743 tokens)
@@ -128,4 +129,4 @@ def test_smollm2_checkpoint_exports_to_gguf_and_onnx(smollm2_rtn, tmp_path):
     assert any("fall back" in note or "fallback" in note for note in gguf_art.notes), gguf_art.notes
     assert gguf_art.verification["top1_agreement"] > 0.8
     onnx_art = squeeze.export(smollm2_rtn, "onnx", tmp_path / "m.onnx")  # int4 MatMulNBits from the checkpoint
-    assert "int4" in onnx_art.type and onnx_art.verification["top1_agreement"] > 0.99
+    assert onnx_art.type == "w4g128-matmulnbits" and onnx_art.verification["top1_agreement"] > 0.99

@@ -47,7 +47,7 @@ def cap_outlier_tokens(x: torch.Tensor, cap: float) -> torch.Tensor:
 class HessianAccumulator:
     """Running H = 2/n * sum(x x^T) over the inputs x [.., in_features] a layer sees.
 
-    ``token_cap``: see `cap_outlier_tokens` (applied per batch of inputs); None keeps every token as is.
+    ``token_cap``: see `outlier_token_weights` (applied per batch of inputs); None keeps every token as is.
     """
 
     def __init__(self, in_features: int, device=None, token_cap: float | None = None):
@@ -55,14 +55,25 @@ class HessianAccumulator:
         self.count = 0
         self.token_cap = token_cap
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+    def _scaled(self, x: torch.Tensor, *paired: torch.Tensor) -> list[torch.Tensor]:
+        """Take in a batch: rescale the running sums to the new count and return ``x`` (and ``paired``
+        inputs of the same tokens) weighted for adding, token caps (from ``x``) included."""
+        rows = [t.detach().reshape(-1, t.shape[-1]).float() for t in (x, *paired)]
         if self.token_cap is not None:
-            x = cap_outlier_tokens(x, self.token_cap)
-        n = x.shape[0]
-        self.hessian.mul_(self.count / (self.count + n))
+            weight = outlier_token_weights(rows[0], self.token_cap).sqrt().unsqueeze(1)
+            rows = [r * weight for r in rows]
+        n = rows[0].shape[0]
+        for total in self._sums():
+            total.mul_(self.count / (self.count + n))
         self.count += n
-        x = x * math.sqrt(2.0 / self.count)
+        factor = math.sqrt(2.0 / self.count)
+        return [r * factor for r in rows]
+
+    def _sums(self) -> tuple[torch.Tensor, ...]:
+        return (self.hessian,)
+
+    def add(self, x: torch.Tensor) -> None:
+        (x,) = self._scaled(x)
         self.hessian.addmm_(x.t(), x)
 
 
@@ -74,19 +85,11 @@ class CrossAccumulator(HessianAccumulator):
         super().__init__(in_features, device, token_cap)
         self.cross = torch.zeros_like(self.hessian)
 
+    def _sums(self) -> tuple[torch.Tensor, ...]:
+        return (self.hessian, self.cross)
+
     def add_pair(self, x: torch.Tensor, x_ref: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        x_ref = x_ref.detach().reshape(-1, x_ref.shape[-1]).float()
-        if self.token_cap is not None:
-            w = outlier_token_weights(x, self.token_cap).sqrt().unsqueeze(1)
-            x, x_ref = x * w, x_ref * w
-        n = x.shape[0]
-        keep = self.count / (self.count + n)
-        self.hessian.mul_(keep)
-        self.cross.mul_(keep)
-        self.count += n
-        k = math.sqrt(2.0 / self.count)
-        x, x_ref = x * k, x_ref * k
+        x, x_ref = self._scaled(x, x_ref)
         self.hessian.addmm_(x.t(), x)
         self.cross.addmm_(x_ref.t(), x)
 
