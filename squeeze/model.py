@@ -137,14 +137,19 @@ def validate_model_dir(path: str | Path) -> Path:
     return p
 
 
+def hash_file(h, path: Path) -> None:
+    """Feed a file's bytes to the hash ``h`` in 1 MiB chunks."""
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+
+
 def directory_hash(path: Path) -> str:
     """sha256 over the model's weight files (names and bytes)."""
     h = hashlib.sha256()
     for f in weight_files(path):
         h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        hash_file(h, f)
     return h.hexdigest()
 
 

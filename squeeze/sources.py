@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from squeeze.errors import SqueezeError
-from squeeze.model import directory_hash, load_tokenizer, validate_model_dir, weights_size
+from squeeze.model import directory_hash, hash_file, load_tokenizer, validate_model_dir, weights_size
 from squeeze.optional import require
 
 GGUF_MAGIC = b"GGUF"
@@ -28,17 +28,22 @@ def is_gguf(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".gguf" and not Path(path).is_dir()
 
 
-def gguf_architecture(path: Path) -> str:
-    """The file's ``general.architecture``, read from its header without loading tensors."""
+def read_gguf_fields(path: Path) -> dict:
+    """A GGUF file's metadata fields (gguf-py, tensors not loaded); a file that is not GGUF is one error."""
     gguf = require("gguf", "gguf")
     try:
-        with path.open("rb") as fh:
+        with Path(path).open("rb") as fh:
             magic = fh.read(4)
         if magic != GGUF_MAGIC:
             raise SqueezeError(f"{str(path)!r} is not a GGUF file (it does not start with the GGUF magic)")
-        field = gguf.GGUFReader(str(path)).fields.get("general.architecture")
+        return gguf.GGUFReader(str(path)).fields
     except (ValueError, OSError, IndexError) as e:
         raise SqueezeError(f"cannot read the GGUF file {str(path)!r}: {e}") from None
+
+
+def gguf_architecture(path: Path) -> str:
+    """The file's ``general.architecture``, read from its header without loading tensors."""
+    field = read_gguf_fields(path).get("general.architecture")
     if field is None:
         raise SqueezeError(f"{str(path)!r} is not a GGUF model (no general.architecture)")
     return str(field.contents())
@@ -121,9 +126,7 @@ def source_hash(path: Path) -> str:
     if not is_gguf(path):
         return directory_hash(path)
     h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    hash_file(h, path)
     return h.hexdigest()
 
 

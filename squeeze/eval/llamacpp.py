@@ -26,10 +26,9 @@ def _import_llama_cpp():
 
 def gguf_metadata(path: Path) -> dict:
     """A GGUF file's metadata except the tokenizer arrays (read with gguf-py, without loading tensors)."""
-    try:
-        fields = require("gguf", "gguf").GGUFReader(str(path)).fields
-    except (ValueError, OSError, IndexError) as e:
-        raise SqueezeError(f"cannot read the GGUF file {str(path)!r}: {e}") from None
+    from squeeze.sources import read_gguf_fields
+
+    fields = read_gguf_fields(path)
     return {k: f.contents() for k, f in fields.items() if not k.startswith("tokenizer.")}
 
 

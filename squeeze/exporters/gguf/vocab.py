@@ -126,9 +126,9 @@ SPECIAL_FIELDS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_
 
 def gguf_vocab(path: Path) -> Vocab:
     """The tokenizer a GGUF file embeds, copied as it is (a GGUF input re-exported keeps its vocabulary)."""
-    from squeeze.optional import require
+    from squeeze.sources import read_gguf_fields
 
-    fields = require("gguf", "gguf").GGUFReader(str(path)).fields
+    fields = read_gguf_fields(path)
 
     def get(key: str, default=None):
         field = fields.get(f"tokenizer.ggml.{key}")
