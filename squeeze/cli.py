@@ -17,7 +17,8 @@ from squeeze.errors import SqueezeError, VerificationError
 METHODS = ("rtn", "gptq", "awq", "smoothquant")  # the registered passes the CLI exposes (see squeeze.registry)
 # Flags that only some methods take: flag -> the config field it sets, per method.
 METHOD_FLAGS: dict[str, tuple[str, ...]] = {
-    "gptq": ("damp", "block_size", "act_order", "static_groups", "token_cap", "weighted_fit", "float_target"),
+    "gptq": ("damp", "block_size", "act_order", "static_groups", "token_cap", "weighted_fit", "shrink",
+             "float_target"),
     "awq": ("token_cap",),
     "smoothquant": ("alpha",),
 }
@@ -91,6 +92,9 @@ def _method_options(method: str, given: dict) -> dict:
                    "energy (attention sinks); 0 counts every token as it is [100].")
 @click.option("--weighted-fit/--no-weighted-fit", default=None,
               help="gptq: choose group scales by Hessian-diagonal-weighted error instead of min-max [on].")
+@click.option("--shrink", type=float, default=None,
+              help="gptq: shrink the Hessian towards its diagonal by this fraction in [0, 1] before the error "
+                   "updates (1: importance-weighted rounding, no updates).")
 @click.option("--float-target/--no-float-target", default=None,
               help="gptq: match the float model's outputs, not the float layer's on already-quantized inputs.")
 @click.option("--alpha", type=float, default=None, help="smoothquant: migration strength in [0, 1] [0.5].")
@@ -99,7 +103,7 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
              ignore, calib, nsamples, seqlen, seed, damp, block_size, act_order, static_groups, token_cap, weighted_fit,
-             float_target, alpha, dtype, recipe, overwrite) -> None:
+             shrink, float_target, alpha, dtype, recipe, overwrite) -> None:
     """Quantize MODEL (a Hugging Face model directory or a GGUF file) into a checkpoint at OUTPUT."""
     from squeeze import api
     from squeeze.calib import SELF, CalibConfig
@@ -124,7 +128,7 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
         raise SqueezeError(f"calibration file {calib!r} does not exist (or pass --calib self)")
     options = _method_options(method, {"damp": damp, "block_size": block_size, "act_order": act_order,
                                        "static_groups": static_groups, "alpha": alpha, "weighted_fit": weighted_fit,
-                                       "float_target": float_target,
+                                       "float_target": float_target, "shrink": shrink,
                                        "token_cap": None if token_cap is None else (token_cap or False)})
     if options.get("token_cap") is False:  # --token-cap 0: no cap
         options["token_cap"] = None

@@ -76,6 +76,7 @@ class IntParams:
 
 # Range shrink factors tried by an importance-weighted fit: 1.0 (min-max) down to 0.525 in steps of 0.025.
 SHRINK_RATIOS = tuple(1.0 - i / 40 for i in range(20))
+FIT_CHUNK_ELEMENTS = 1 << 24  # candidates x rows x columns evaluated at once by a weighted fit
 
 
 @dataclass(frozen=True)
@@ -98,19 +99,20 @@ class IntGrid:
         scale, zero = qparams_from_range(wmin, wmax, self.scheme.bits, self.scheme.symmetric)
         if importance is None or self.scheme.granularity == "tensor":
             return IntParams(scale, zero)
-        best = IntParams(scale, zero)
-        best_err = self._weighted_error(w, best, importance)
-        for ratio in SHRINK_RATIOS[1:]:
-            candidate = IntParams(*qparams_from_range(wmin * ratio, wmax * ratio, self.scheme.bits,
-                                                      self.scheme.symmetric))
-            err = self._weighted_error(w, candidate, importance)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = IntParams(torch.where(better, candidate.scale, best.scale), torch.where(better, candidate.zero, best.zero))
-        return best
-
-    def _weighted_error(self, w: torch.Tensor, params: IntParams, importance: torch.Tensor) -> torch.Tensor:
-        return ((self.nearest(w, params)[1] - w).pow(2) * importance.float().unsqueeze(0)).sum(dim=1)
+        ratios = torch.tensor(SHRINK_RATIOS, device=w.device).unsqueeze(1)  # [R, 1]
+        imp = importance.float().to(w.device)
+        best = torch.empty(w.shape[0], dtype=torch.long, device=w.device)
+        step = max(1, FIT_CHUNK_ELEMENTS // (len(SHRINK_RATIOS) * w.shape[1]))
+        for r0 in range(0, w.shape[0], step):  # all ratios at once, a bounded number of rows at a time
+            rows = slice(r0, r0 + step)
+            s, z = qparams_from_range(wmin[rows] * ratios, wmax[rows] * ratios, self.scheme.bits, self.scheme.symmetric)
+            s, z = s.unsqueeze(2), z.unsqueeze(2)  # [R, rows, 1]
+            q = (torch.round(w[rows] / s) + z).clamp(0, self.scheme.maxq)
+            err = ((q - z) * s - w[rows]).pow(2).mul_(imp).sum(dim=2)  # [R, rows]
+            best[rows] = err.argmin(dim=0)  # the first of equal errors: min-max wins ties
+        s, z = qparams_from_range(wmin * ratios, wmax * ratios, self.scheme.bits, self.scheme.symmetric)
+        pick = best.unsqueeze(0)
+        return IntParams(s.gather(0, pick)[0], z.gather(0, pick)[0])
 
     def nearest(self, w: torch.Tensor, params: IntParams, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         s, z = params.scale.unsqueeze(1), params.zero.unsqueeze(1)

@@ -210,3 +210,23 @@ def test_float_target_gptq_beats_plain_gptq_at_3_bits(stories_dir, short_text):
         api.quantize(model, GPTQ(scheme=get_scheme("w3g32-asym"), float_target=float_target), calib)
         ppl[float_target] = _ppl(model, short_text, tok)
     assert ppl[True] < 0.97 * ppl[False], ppl
+
+
+def test_shrink_interpolates_between_gptq_and_weighted_rounding():
+    """shrink=1 trusts only the Hessian's diagonal: no error updates, so the codes are exactly the
+    importance-weighted rounding of W; shrink=0 is GPTQ. In between, the in-sample output error lies
+    between the two (it is the objective GPTQ minimises, so more trust in H fits it better)."""
+    from squeeze.passes.gptq_core import shrink_to_diagonal
+
+    w, x, h = _layer_problem(2)
+    grid = IntGrid(get_scheme("w4g32"))
+    kw = dict(act_order=True, static_groups=True, weighted_fit=True)
+    rounded = gptq_quantize(w, h, grid, shrink=1.0, **kw)
+    params = [grid.fit(w[:, g : g + 32], torch.diag(h)[g : g + 32]) for g in range(0, 128, 32)]
+    expected = torch.cat([grid.nearest(w[:, g : g + 32], p)[1] for g, p in zip(range(0, 128, 32), params)], 1)
+    torch.testing.assert_close(rounded.values, expected)
+    errs = [_out_err(x, w, gptq_quantize(w, h, grid, shrink=s, **kw).values) for s in (0.0, 0.5, 1.0)]
+    assert errs[0] < errs[1] < errs[2]
+    assert torch.equal(shrink_to_diagonal(h, 0.0), h)
+    with pytest.raises(Exception, match="--shrink must be in"):
+        GPTQ(shrink=1.5)

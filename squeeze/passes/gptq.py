@@ -34,6 +34,8 @@ class GPTQ:
     ``token_cap``: a calibration token counts in the Hessian with at most this many times the median token's
     input energy (attention sinks, `cap_outlier_tokens`); None counts every token as it is.
     ``weighted_fit``: group scales are chosen by importance-weighted error (Hessian diagonal), not min-max.
+    ``shrink``: the error updates trust the calibration inputs' correlations only in part
+    (`shrink_to_diagonal`): 0 is GPTQ as published, 1 importance-weighted rounding without updates.
     ``float_target``: each layer matches the float model's outputs rather than the float layer's outputs on
     the already-quantized inputs (`float_target_weight`); costs a float copy of the block stream.
     """
@@ -48,6 +50,7 @@ class GPTQ:
     true_sequential: bool = True
     token_cap: float | None = 100.0
     weighted_fit: bool = True
+    shrink: float = 0.0
     float_target: bool = False
     device: str | None = None
 
@@ -56,6 +59,8 @@ class GPTQ:
             raise SqueezeError(f"--block-size must be a positive integer, got {self.block_size}")
         if not 0.0 < self.damp < 1.0:
             raise SqueezeError(f"--damp must be in (0, 1) (a fraction of the mean Hessian diagonal), got {self.damp}")
+        if not 0.0 <= self.shrink <= 1.0:
+            raise SqueezeError(f"--shrink must be in [0, 1] (0: the full Hessian, 1: its diagonal), got {self.shrink}")
         if self.token_cap is not None and self.token_cap < 1.0:
             raise SqueezeError(f"GPTQ token_cap must be at least 1 (times the median token energy), got {self.token_cap}")
         if self.scheme.activations is not None:
@@ -79,6 +84,7 @@ def quantize_linear(module: nn.Module, hessian: torch.Tensor, config: GPTQ, sche
         act_order=config.act_order,
         static_groups=config.static_groups or (config.act_order and scheme.gguf is not None),
         weighted_fit=config.weighted_fit,
+        shrink=config.shrink,
     )
 
 

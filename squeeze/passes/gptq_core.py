@@ -113,6 +113,19 @@ def float_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torc
     return W + correction
 
 
+def shrink_to_diagonal(hessian: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(1 - shrink) H + shrink diag(H): the calibration inputs' correlations, trusted only in part.
+
+    GPTQ moves each rounding error onto the columns that correlate with it in the calibration inputs. Off
+    the calibration domain those correlations do not hold, while the diagonal (each input's energy, what
+    llama.cpp's imatrix keeps) does; shrink = 1 leaves plain rounding with importance-weighted scales.
+    Covariance shrinkage towards the diagonal, as in Ledoit & Wolf (2004).
+    """
+    if shrink == 0.0:
+        return hessian
+    return (1.0 - shrink) * hessian + shrink * torch.diag(torch.diag(hessian))
+
+
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, and the damping actually used.
 
@@ -153,11 +166,13 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     weighted_fit: bool = False,
+    shrink: float = 0.0,
 ) -> GPTQResult:
     """Quantize ``weight`` [rows, cols] onto ``grid``, minimising ||(W - Q) X||^2 with H ~ X X^T.
 
     ``weighted_fit``: each group's grid parameters are fitted with the Hessian diagonal as column
     importance (`WeightGrid.fit`), instead of on the group's range alone.
+    ``shrink``: the error updates use `shrink_to_diagonal` (H, shrink); 1 gives importance-weighted rounding.
     """
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
@@ -179,7 +194,7 @@ def gptq_quantize(
         for g in range(n_groups):
             params[g] = fit(W[:, g * gs : (g + 1) * gs], slice(g * gs, (g + 1) * gs))
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H = W[:, perm], shrink_to_diagonal(H[perm][:, perm], shrink)
     Hinv, damp_used = inverse_hessian_cholesky(H, damp)
 
     # Groups never straddle a lazy batch: a group is fitted on fully updated columns.

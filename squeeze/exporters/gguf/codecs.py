@@ -114,8 +114,12 @@ def _inverse(d: np.ndarray) -> np.ndarray:
         return np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
 
 
-def _quantize_sym(x: np.ndarray, half: int) -> Parts:
-    """quantize_row_q4_0_ref (half=8) / q5_0_ref (half=16): scale from the signed absmax."""
+def _quantize_sym(x: np.ndarray, half: int, qw: Optional[np.ndarray] = None) -> Parts:
+    """quantize_row_q4_0_ref (half=8) / q5_0_ref (half=16): scale from the signed absmax; with importance
+    ``qw`` (as x), llama.cpp's imatrix fit (`quantize_sym_weighted`)."""
+    if qw is not None:
+        codes, d = quantize_sym_weighted(x, qw, half)
+        return codes, d, None, None, None
     d = signed_absmax(x) / F32(-half)
     t = np.trunc(x * _inverse(d)[:, None] + F32(half + 0.5)).astype(np.int32).astype(np.int8)
     return np.minimum(2 * half - 1, t).astype(np.uint8), to_f16(d), None, None, None
@@ -128,7 +132,8 @@ def quantize_sym_weighted(x: np.ndarray, importance: np.ndarray, half: int) -> t
     """Q4_0 (half=8) / Q5_0 (half=16) blocks as llama.cpp fits them with an imatrix (quantize_row_q4_0_impl:
     make_qx_quants with weights importance * sqrt(sigma2 + x^2), sigma2 the mean square of the block).
 
-    x: (N, block) float32, importance: (block,) >= 0. Returns (codes uint8 (N, block), d float16 (N,)).
+    x: (N, block) float32, importance: (block,) or (N, block), >= 0. Returns (codes uint8 (N, block), d
+    float16 (N,)).
     """
     x = np.ascontiguousarray(x, dtype=F32)
 
@@ -136,7 +141,7 @@ def quantize_sym_weighted(x: np.ndarray, importance: np.ndarray, half: int) -> t
         return np.cumsum(a, axis=1, dtype=F32)[:, -1]
 
     sigma2 = (total(x * x) / F32(x.shape[1]))[:, None]
-    w = importance.astype(F32)[None, :] * np.sqrt(sigma2 + x * x)
+    w = np.broadcast_to(importance.astype(F32), x.shape) * np.sqrt(sigma2 + x * x)
     mx = x[np.arange(len(x)), np.abs(x).argmax(axis=1)]
     live = np.abs(mx) >= GROUP_MAX_EPS
     safe_max = np.where(live, mx, F32(1))
@@ -161,12 +166,18 @@ def quantize_sym_weighted(x: np.ndarray, importance: np.ndarray, half: int) -> t
     return codes, to_f16(np.where(live, scale, 0).astype(F32))
 
 
-# types whose blocks llama.cpp fits differently given an imatrix, as quantize_sym_weighted does
+# types whose blocks llama.cpp fits exactly as quantize_sym_weighted does given an imatrix
 WEIGHTED_SYMMETRIC = {"Q4_0": 8, "Q5_0": 16}
 
 
-def _quantize_asym(x: np.ndarray, nmax: int) -> Parts:
-    """quantize_row_q4_1_ref (nmax=15) / q5_1_ref (nmax=31): min/max affine grid."""
+def _quantize_asym(x: np.ndarray, nmax: int, qw: Optional[np.ndarray] = None) -> Parts:
+    """quantize_row_q4_1_ref (nmax=15) / q5_1_ref (nmax=31): min/max affine grid. With importance ``qw``,
+    a weighted (scale, min) least-squares search as quantize_row_q4_1_impl (weights: `imatrix_weights`)."""
+    if qw is not None:
+        xt = np.ascontiguousarray(x.T)
+        w = kq.imatrix_weights(xt, np.ascontiguousarray(qw.T), 1, 1.0)
+        scale, the_min, L = kq.make_qkx2_quants(xt, w, nmax, -0.9, 0.05, 36, False)
+        return L.T.astype(np.uint8), to_f16(scale), to_f16(-the_min), None, None
     mn = first_pick(x, np.argmin)
     d = (first_pick(x, np.argmax) - mn) / F32(nmax)
     t = np.trunc((x - mn[:, None]) * _inverse(d)[:, None] + F32(0.5)).astype(np.int32)
@@ -220,17 +231,22 @@ def _legacy_unpack(fmt: GGMLFormat) -> Callable[[np.ndarray], Parts]:
 
 
 class _Impl(NamedTuple):
-    quantize: Callable[[np.ndarray], Parts]  # (N, block_size) float32 -> Parts
+    quantize: Callable[..., Parts]  # (N, block_size) float32 [, importance (N, block_size)] -> Parts
     pack: Callable[[Parts], np.ndarray]  # Parts -> (N, type_size) uint8
     unpack: Callable[[np.ndarray], Parts]  # (N, type_size) uint8 -> Parts
 
 
 _IMPLS: dict[str, _Impl] = {
-    "Q4_0": _Impl(lambda x: _quantize_sym(x, 8), _legacy_pack(FORMATS["Q4_0"]), _legacy_unpack(FORMATS["Q4_0"])),
-    "Q4_1": _Impl(lambda x: _quantize_asym(x, 15), _legacy_pack(FORMATS["Q4_1"]), _legacy_unpack(FORMATS["Q4_1"])),
-    "Q5_0": _Impl(lambda x: _quantize_sym(x, 16), _legacy_pack(FORMATS["Q5_0"]), _legacy_unpack(FORMATS["Q5_0"])),
-    "Q5_1": _Impl(lambda x: _quantize_asym(x, 31), _legacy_pack(FORMATS["Q5_1"]), _legacy_unpack(FORMATS["Q5_1"])),
-    "Q8_0": _Impl(_quantize_q8_0, _legacy_pack(FORMATS["Q8_0"]), _legacy_unpack(FORMATS["Q8_0"])),
+    "Q4_0": _Impl(lambda x, qw=None: _quantize_sym(x, 8, qw), _legacy_pack(FORMATS["Q4_0"]),
+                  _legacy_unpack(FORMATS["Q4_0"])),
+    "Q4_1": _Impl(lambda x, qw=None: _quantize_asym(x, 15, qw), _legacy_pack(FORMATS["Q4_1"]),
+                  _legacy_unpack(FORMATS["Q4_1"])),
+    "Q5_0": _Impl(lambda x, qw=None: _quantize_sym(x, 16, qw), _legacy_pack(FORMATS["Q5_0"]),
+                  _legacy_unpack(FORMATS["Q5_0"])),
+    "Q5_1": _Impl(lambda x, qw=None: _quantize_asym(x, 31, qw), _legacy_pack(FORMATS["Q5_1"]),
+                  _legacy_unpack(FORMATS["Q5_1"])),
+    "Q8_0": _Impl(lambda x, qw=None: _quantize_q8_0(x), _legacy_pack(FORMATS["Q8_0"]),  # llama.cpp: no imatrix
+                  _legacy_unpack(FORMATS["Q8_0"])),
     "Q2_K": _Impl(kq.quantize_q2_k, kq.pack_q2_k, kq.unpack_q2_k),
     "Q3_K": _Impl(kq.quantize_q3_k, kq.pack_q3_k, kq.unpack_q3_k),
     "Q4_K": _Impl(kq.quantize_q4_k, kq.pack_q4_k, kq.unpack_q4_k),
@@ -255,15 +271,25 @@ def _check_cols(fmt: GGMLFormat, cols: int) -> int:
 _CHUNK_WEIGHTS = 1 << 18
 
 
-def quantize_blocks(x: np.ndarray, qtype: str) -> QuantizedBlocks:
-    """Quantize float rows ``(..., cols)`` like llama.cpp's reference quantizer; returns codes and scales."""
+def quantize_blocks(x: np.ndarray, qtype: str, importance: Optional[np.ndarray] = None) -> QuantizedBlocks:
+    """Quantize float rows ``(..., cols)`` like llama.cpp's reference quantizer; returns codes and scales.
+
+    ``importance`` (cols,) >= 0, e.g. an imatrix or a Hessian diagonal: blocks are fitted to minimise the
+    importance-weighted error instead (Q4_0/Q5_0 exactly as llama.cpp does with an imatrix; Q8_0 ignores it).
+    """
     fmt = _quantized_format(qtype)
     x = np.ascontiguousarray(x, dtype=F32)
     nb = _check_cols(fmt, x.shape[-1])
     lead = x.shape[:-1] + (nb,)
     blocks = x.reshape(-1, fmt.block_size)
     step = max(1, _CHUNK_WEIGHTS // fmt.block_size)  # bounded temporaries, cache-friendly
-    chunks = [_IMPLS[qtype].quantize(blocks[i:i + step]) for i in range(0, len(blocks), step)]
+    impl = _IMPLS[qtype].quantize
+    if importance is None:
+        chunks = [impl(blocks[i:i + step]) for i in range(0, len(blocks), step)]
+    else:
+        imp = np.asarray(importance, dtype=F32).reshape(nb, fmt.block_size)
+        imp_rows = lambda i, n: imp[(np.arange(i, i + n) % nb)]  # noqa: E731  (block i is column block i % nb)
+        chunks = [impl(blocks[i:i + step], imp_rows(i, len(blocks[i:i + step]))) for i in range(0, len(blocks), step)]
     if not chunks:  # no blocks: empty fields of the right dtypes, taken from a dummy block
         dummy = _IMPLS[qtype].quantize(np.zeros((1, fmt.block_size), F32))
         chunks = [tuple(None if f is None else f[:0] for f in dummy)]

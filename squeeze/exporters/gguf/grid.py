@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from squeeze.errors import SqueezeError
-from squeeze.exporters.gguf.codecs import (WEIGHTED_SYMMETRIC, QuantizedBlocks, get_format, group_params, pack,
-                                           quantize_blocks, quantize_sym_weighted)
+from squeeze.exporters.gguf.codecs import QuantizedBlocks, get_format, group_params, pack, quantize_blocks
 from squeeze.grid import LayerQParams
 
 
@@ -55,14 +54,11 @@ class GGUFGrid:
         return size
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> BlockParams:
-        """llama.cpp's reference quantizer's blocks; with ``importance`` (Q4_0/Q5_0), the scale llama.cpp
-        chooses given that imatrix (other types keep the reference fit)."""
+        """llama.cpp's reference quantizer's blocks; with ``importance`` [block columns], the importance-weighted
+        fit (`codecs.quantize_blocks`: for Q4_0/Q5_0 exactly the scales llama.cpp chooses given that imatrix)."""
         x = w.detach().float().cpu().numpy()
-        if importance is not None and self.qtype in WEIGHTED_SYMMETRIC:
-            codes, d = quantize_sym_weighted(x, importance.detach().float().cpu().numpy(), WEIGHTED_SYMMETRIC[self.qtype])
-            qb = QuantizedBlocks(self.qtype, codes[:, None, :], d[:, None])
-        else:
-            qb = quantize_blocks(x, self.qtype)
+        imp = None if importance is None else importance.detach().float().cpu().numpy()
+        qb = quantize_blocks(x, self.qtype, imp)
         step, bias = group_params(qb)
         to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a[:, 0])).to(w.device)  # noqa: E731
         return BlockParams(qb, to_t(step), None if bias is None else to_t(bias))

@@ -84,15 +84,16 @@ def _first_max(v: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------ scale searches
 
 
-def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted (w = x^2) symmetric scale search of ``make_qx_quants(rmse_type=1, qw=NULL)``.
+def make_qx_quants(x: np.ndarray, nmax: int, w: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted symmetric scale search of ``make_qx_quants(rmse_type=1)``: weights ``w`` (an imatrix's,
+    as ``qw``), or x^2 without (``qw=NULL``).
 
-    x: (n, M) float32, one group per column.  Returns (scale (M,), L (n, M) int32 in [0, 2*nmax-1]).
+    x, w: (n, M) float32, one group per column.  Returns (scale (M,), L (n, M) int32 in [0, 2*nmax-1]).
     """
     mx = signed_absmax(x, axis=0)
     zero = np.abs(mx) < GROUP_MAX_EPS
     safe = np.where(zero, F32(1), mx)
-    w = x * x
+    w = x * x if w is None else w
     wx = w * x
 
     def trial(iscale: np.ndarray):
@@ -195,6 +196,15 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     return np.where(flat, F32(0), scale), -mn, np.where(flat, 0, L)
 
 
+def imatrix_weights(xt: np.ndarray, qw: np.ndarray, per_block: int, factor: float) -> np.ndarray:
+    """llama.cpp's weights given an importance matrix: qw * sqrt(sigma2 + x^2), with sigma2 = factor x the
+    mean square of each block of ``per_block`` sub-blocks (columns of ``xt``, sums in C's order)."""
+    sq = seqsum(xt * xt).reshape(-1, per_block)
+    total = np.cumsum(sq, axis=1, dtype=F32)[:, -1]
+    sigma2 = np.repeat(F32(factor) * total / F32(xt.shape[0] * per_block), per_block)
+    return (qw * np.sqrt(sigma2[None, :] + xt * xt)).astype(F32)
+
+
 # ------------------------------------------------------------------------------ bit packing helpers
 
 
@@ -260,11 +270,15 @@ def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, sc: np.ndarray, dmi
 # ------------------------------------------------------------------------------------------ Q2_K
 
 
-def quantize_q2_k(x: np.ndarray) -> Parts:
-    """``quantize_row_q2_K_ref``: 16 sub-blocks of 16, 2-bit codes, 4-bit scales and mins."""
+def quantize_q2_k(x: np.ndarray, qw: Optional[np.ndarray] = None) -> Parts:
+    """``quantize_row_q2_K_ref``: 16 sub-blocks of 16, 2-bit codes, 4-bit scales and mins. With importance
+    ``qw`` (as x), the (scale, min) searches weigh each weight by `imatrix_weights` (least squares)."""
     n = x.shape[0]
     xt = _groups(x, 16)
-    scales, mins, L = make_qkx2_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, True)
+    if qw is None:
+        scales, mins, L = make_qkx2_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, True)
+    else:
+        scales, mins, L = make_qkx2_quants(xt, imatrix_weights(xt, _groups(qw, 16), 16, 1.0), 3, -0.5, 0.1, 15, False)
     scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
     max_scale, max_min = _first_max(scales), _first_max(mins)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -293,10 +307,15 @@ def unpack_q2_k(raw: np.ndarray) -> Parts:
 # ------------------------------------------------------------------------------------------ Q3_K
 
 
-def quantize_q3_k(x: np.ndarray) -> Parts:
-    """``quantize_row_q3_K_ref``: 16 sub-blocks of 16, 3-bit codes, signed 6-bit scales."""
+def quantize_q3_k(x: np.ndarray, qw: Optional[np.ndarray] = None) -> Parts:
+    """``quantize_row_q3_K_ref``: 16 sub-blocks of 16, 3-bit codes, signed 6-bit scales. With importance
+    ``qw``, each sub-block's scale comes from make_qx_quants with `imatrix_weights` (quantize_row_q3_K_impl)."""
     n = x.shape[0]
-    scales, L = make_q3_quants(_groups(x, 16), 4)
+    xt = _groups(x, 16)
+    if qw is None:
+        scales, L = make_q3_quants(xt, 4)
+    else:
+        scales, L = make_qx_quants(xt, 4, imatrix_weights(xt, _groups(qw, 16), 16, 2.0))
     scales = scales.reshape(n, 16)
     max_scale = signed_absmax(scales)
     nz = max_scale != 0
@@ -337,11 +356,14 @@ def unpack_q3_k(raw: np.ndarray) -> Parts:
 # ------------------------------------------------------------------------------------ Q4_K / Q5_K
 
 
-def _quantize_q45_k(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> Parts:
+def _quantize_q45_k(x: np.ndarray, nmax: int, rmin: float, nstep: int, qw: Optional[np.ndarray] = None) -> Parts:
     n = x.shape[0]
     xt = _groups(x, 32)
-    av_x = np.sqrt(seqsum(xt * xt) / F32(32))
-    scales, mins, L = make_qkx2_quants(xt, av_x + np.abs(xt), nmax, rmin, 0.1, nstep, False)
+    if qw is None:
+        weights = np.sqrt(seqsum(xt * xt) / F32(32)) + np.abs(xt)
+    else:
+        weights = imatrix_weights(xt, _groups(qw, 32), 8, 2.0)
+    scales, mins, L = make_qkx2_quants(xt, weights, nmax, rmin, 0.1, nstep, False)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
     max_scale, max_min = _first_max(scales), _first_max(mins)
     with np.errstate(divide="ignore"):
@@ -353,14 +375,15 @@ def _quantize_q45_k(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> Parts:
     return _requantize(x, L, d, ls, dmin, lm, 0, nmax, 0), d, dmin, ls, lm
 
 
-def quantize_q4_k(x: np.ndarray) -> Parts:
-    """``quantize_row_q4_K_ref``: 8 sub-blocks of 32, 4-bit codes, 6-bit scales and mins."""
-    return _quantize_q45_k(x, 15, -1.0, 20)
+def quantize_q4_k(x: np.ndarray, qw: Optional[np.ndarray] = None) -> Parts:
+    """``quantize_row_q4_K_ref``: 8 sub-blocks of 32, 4-bit codes, 6-bit scales and mins; with importance
+    ``qw``, the (scale, min) searches weigh each weight by `imatrix_weights`."""
+    return _quantize_q45_k(x, 15, -1.0, 20, qw)
 
 
-def quantize_q5_k(x: np.ndarray) -> Parts:
-    """``quantize_row_q5_K_ref``: 8 sub-blocks of 32, 5-bit codes, 6-bit scales and mins."""
-    return _quantize_q45_k(x, 31, -0.5, 15)
+def quantize_q5_k(x: np.ndarray, qw: Optional[np.ndarray] = None) -> Parts:
+    """``quantize_row_q5_K_ref``: 8 sub-blocks of 32, 5-bit codes, 6-bit scales and mins (``qw`` as Q4_K)."""
+    return _quantize_q45_k(x, 31, -0.5, 15, qw)
 
 
 def _head(d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray) -> list[np.ndarray]:
@@ -397,10 +420,12 @@ def unpack_q5_k(raw: np.ndarray) -> Parts:
 # ------------------------------------------------------------------------------------------ Q6_K
 
 
-def quantize_q6_k(x: np.ndarray) -> Parts:
-    """``quantize_row_q6_K_ref``: 16 sub-blocks of 16, 6-bit codes, int8 scales."""
+def quantize_q6_k(x: np.ndarray, qw: Optional[np.ndarray] = None) -> Parts:
+    """``quantize_row_q6_K_ref``: 16 sub-blocks of 16, 6-bit codes, int8 scales; with importance ``qw``,
+    the sub-block scale search weighs each weight by `imatrix_weights` instead of x^2."""
     n = x.shape[0]
-    scales, L = make_qx_quants(_groups(x, 16), 32)
+    xt = _groups(x, 16)
+    scales, L = make_qx_quants(xt, 32, None if qw is None else imatrix_weights(xt, _groups(qw, 16), 16, 2.0))
     scales = scales.reshape(n, 16)
     max_scale = signed_absmax(scales)
     zero = np.abs(max_scale) < GROUP_MAX_EPS
