@@ -19,7 +19,7 @@ METHODS = ("rtn", "gptq", "awq", "smoothquant")  # the registered passes the CLI
 METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "gptq": ("damp", "block_size", "act_order", "static_groups", "token_cap", "weighted_fit", "shrink",
              "float_target"),
-    "awq": ("token_cap",),
+    "awq": ("token_cap", "shrink"),
     "smoothquant": ("alpha",),
 }
 # Scheme defaults per method when neither --scheme nor the flag is given: (bits, granularity, act).
@@ -93,8 +93,9 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--weighted-fit/--no-weighted-fit", default=None,
               help="gptq: choose group scales by Hessian-diagonal-weighted error instead of min-max [on].")
 @click.option("--shrink", type=float, default=None,
-              help="gptq: shrink the Hessian towards its diagonal by this fraction in [0, 1] before the error "
-                   "updates (1: importance-weighted rounding, no updates).")
+              help="gptq/awq: trust the calibration inputs' correlations only in part: the Hessian is shrunk "
+                   "towards its diagonal by this fraction in [0, 1] (gptq: 1 is importance-weighted rounding "
+                   "without error updates) [gptq 0.5, awq 0].")
 @click.option("--float-target/--no-float-target", default=None,
               help="gptq: match the float model's outputs, not the float layer's on already-quantized inputs.")
 @click.option("--alpha", type=float, default=None, help="smoothquant: migration strength in [0, 1] [0.5].")

@@ -21,7 +21,7 @@ from squeeze.errors import SqueezeError
 from squeeze.grid import WeightGrid, grid_for, quantize_rtn
 from squeeze.model import linear_weight
 from squeeze.passes.common import install_rounded, select_layers
-from squeeze.passes.gptq_core import HessianAccumulator, output_rel_error
+from squeeze.passes.gptq_core import HessianAccumulator, output_rel_error, shrink_to_diagonal
 from squeeze.passes.scaling import fold_scales, mappings_for, relative_names, resolve
 from squeeze.registry import register_pass
 from squeeze.runner import BlockInputs, collect_inputs, groups_by_shared_input, run_sequential
@@ -37,6 +37,8 @@ class AWQ:
 
     ``token_cap`` bounds each calibration token's weight in the input statistics as for GPTQ
     (`squeeze.passes.gptq_core.cap_outlier_tokens`); None counts every token as it is.
+    ``shrink``: both searches score candidates on `shrink_to_diagonal` (H, shrink), trusting the calibration
+    inputs' correlations only in part (1: importance-weighted weight error, as llama.cpp's imatrix).
     """
 
     scheme: QuantScheme | GGUFMix = field(default_factory=lambda: get_scheme("w4g128"))
@@ -47,9 +49,12 @@ class AWQ:
     clip: bool = True
     max_shrink: float = 0.5
     token_cap: float | None = 100.0
+    shrink: float = 0.0
     device: str | None = None
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.shrink <= 1.0:
+            raise SqueezeError(f"--shrink must be in [0, 1] (0: the full Hessian, 1: its diagonal), got {self.shrink}")
         if self.n_grid < 1:
             raise SqueezeError(f"AWQ n_grid must be at least 1, got {self.n_grid}")
         if not 0.0 <= self.max_shrink < 1.0:
@@ -154,7 +159,8 @@ def _process_block(model: nn.Module, config: AWQ, mappings, schemes: dict[str, Q
             prev, full = found
             weights = [linear_weight(layers[n]).detach().float() for n in full]
             x_mean = abs_sum[full[0]] / max(count[full[0]], 1)
-            scales, _ = search_scales(weights, [hessian[n] for n in full], x_mean, [grids[n] for n in full], config)
+            searched = [shrink_to_diagonal(hessian[n], config.shrink) for n in full]
+            scales, _ = search_scales(weights, searched, x_mean, [grids[n] for n in full], config)
             plans.append((prev, full, scales, mapping.prev_part))
         for prev, full, scales, part in plans:
             fold_scales(prev, [layers[n] for n in full], scales, part)
@@ -166,7 +172,8 @@ def _process_block(model: nn.Module, config: AWQ, mappings, schemes: dict[str, Q
             w = linear_weight(module).detach().float()
             target = w
             if config.clip and not name.endswith(NO_CLIP_SUFFIXES):
-                target = search_clip(w, hessian[name], grids[name], config.max_shrink, config.n_grid)
+                target = search_clip(w, shrink_to_diagonal(hessian[name], config.shrink), grids[name],
+                                     config.max_shrink, config.n_grid)
             rec, values = install_rounded(model, name, module, schemes[name], target)
             rec["output_rel_mse"] = output_rel_error(w, values, hessian[name])
             records[name] = rec

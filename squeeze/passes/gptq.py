@@ -29,7 +29,9 @@ class GPTQ:
     """GPTQ settings. ``damp`` is a fraction of the Hessian's mean diagonal; ``block_size`` the lazy-batch width.
 
     Defaults measured on SmolLM2-135M (bench/smollm2.py): act-order with static groups (scales fitted before
-    the updates, so groups stay contiguous and every exporter takes the checkpoint).
+    the updates, so groups stay contiguous and every exporter takes the checkpoint), and the Hessian shrunk
+    halfway to its diagonal for the updates: calibrated on stories and scored on WikiText at w4g128, shrink
+    0 / 0.5 / 0.8 / 1 recover 34% / 57% / 59% / 45% of RTN's perplexity gap (64 x 512 tokens).
 
     ``token_cap``: a calibration token counts in the Hessian with at most this many times the median token's
     input energy (attention sinks, `cap_outlier_tokens`); None counts every token as it is.
@@ -50,7 +52,7 @@ class GPTQ:
     true_sequential: bool = True
     token_cap: float | None = 100.0
     weighted_fit: bool = True
-    shrink: float = 0.0
+    shrink: float = 0.5
     float_target: bool = False
     device: str | None = None
 
