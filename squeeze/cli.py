@@ -95,7 +95,7 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--shrink", type=float, default=None,
               help="gptq/awq: trust the calibration inputs' correlations only in part: the Hessian is shrunk "
                    "towards its diagonal by this fraction in [0, 1] (gptq: 1 is importance-weighted rounding "
-                   "without error updates) [gptq 0.5, awq 0].")
+                   "without error updates) [gptq 0.5, awq 1].")
 @click.option("--float-target/--no-float-target", default=None,
               help="gptq: match the float model's outputs, not the float layer's on already-quantized inputs.")
 @click.option("--alpha", type=float, default=None, help="smoothquant: migration strength in [0, 1] [0.5].")

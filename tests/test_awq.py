@@ -88,8 +88,9 @@ def test_awq_needs_a_known_architecture():
 
 
 def test_awq_beats_rtn_on_the_bundled_model(stories_dir, short_text):
-    # 16 x 256 calibration tokens; measured on the short eval text: RTN +12.4% / +82.7%, AWQ +7.1% / +47.6%
-    # (w4g32-asym / w3g32-asym). The full grid is bench/quality.py.
+    # 16 x 256 calibration tokens, in-domain; measured on the short eval text (w4g32-asym / w3g32-asym):
+    # RTN 3.518 / 5.718, AWQ 3.406 / 4.708 with the default shrink=1 (the full-H objective, shrink=0, fits
+    # this in-domain text a little closer at w4 but transfers worse to other text: see AWQ's docstring).
     tok = load_tokenizer(stories_dir)
     calib = load_calibration(tok, CalibConfig(nsamples=16, seqlen=256))
     for scheme in ("w4g32-asym", "w3g32-asym"):
@@ -98,4 +99,19 @@ def test_awq_beats_rtn_on_the_bundled_model(stories_dir, short_text):
             model = api.load(stories_dir)
             api.quantize(model, config, calib)
             ppl[name] = api.evaluate(model, short_text, tokenizer=tok, progress=False).ppl
-        assert ppl["awq"] < 0.97 * ppl["rtn"], (scheme, ppl)
+        assert ppl["awq"] < 0.98 * ppl["rtn"], (scheme, ppl)
+
+
+def test_shrink_one_scores_the_importance_weighted_weight_error():
+    """With shrink=1 the searches' objective tr(D H D^T) keeps only H's diagonal: sum_j H_jj |D_j|^2."""
+    from squeeze.passes.awq import weighted_error
+    from squeeze.passes.gptq_core import shrink_to_diagonal
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 32, generator=gen) @ torch.randn(32, 32, generator=gen)
+    h, delta = x.T @ x, torch.randn(8, 32, generator=gen)
+    expected = (delta.pow(2) * torch.diag(h)).sum(1)
+    torch.testing.assert_close(weighted_error(delta, shrink_to_diagonal(h, 1.0)), expected)
+    assert not torch.allclose(weighted_error(delta, h), expected)
+    with pytest.raises(SqueezeError, match="--shrink must be in"):
+        AWQ(shrink=-0.1)

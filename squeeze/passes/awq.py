@@ -38,7 +38,9 @@ class AWQ:
     ``token_cap`` bounds each calibration token's weight in the input statistics as for GPTQ
     (`squeeze.passes.gptq_core.cap_outlier_tokens`); None counts every token as it is.
     ``shrink``: both searches score candidates on `shrink_to_diagonal` (H, shrink), trusting the calibration
-    inputs' correlations only in part (1: importance-weighted weight error, as llama.cpp's imatrix).
+    inputs' correlations only in part. Default 1 (the importance-weighted weight error, as llama.cpp's
+    imatrix): on SmolLM2 calibrated on stories, scored on WikiText, w4g128 with 64 x 512 tokens, the full
+    output error (0) recovers 2% of RTN's perplexity gap, the diagonal 12.5%.
     """
 
     scheme: QuantScheme | GGUFMix = field(default_factory=lambda: get_scheme("w4g128"))
@@ -49,7 +51,7 @@ class AWQ:
     clip: bool = True
     max_shrink: float = 0.5
     token_cap: float | None = 100.0
-    shrink: float = 0.0
+    shrink: float = 1.0
     device: str | None = None
 
     def __post_init__(self) -> None:
