@@ -14,6 +14,7 @@ generic fallback); the linears of a block are those `select_linears` chose.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from squeeze.errors import SqueezeError
 from squeeze.model import find_blocks
+from squeeze.replay import BlockReplay
 
 CALIB_BATCH_SIZE = 8
 
@@ -38,6 +40,8 @@ class BlockInputs:
     # float copy of the block being processed (what the quantized block should reproduce).
     reference: list[torch.Tensor] | None = None
     reference_block: nn.Module | None = None
+    # Set by run_sequential for the block being processed: its passes replay the unchanged modules' outputs.
+    replay: BlockReplay | None = None
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -93,10 +97,27 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: to
     return captured
 
 
+@contextmanager
+def _replaying(block: nn.Module, inputs: BlockInputs, observed: set[nn.Module] | None):
+    """Yields ``start(i)``, to call before batch ``i``: with ``inputs.replay`` set for ``block``, the
+    modules unchanged since the last pass are replayed (`squeeze.replay`); otherwise it does nothing."""
+    replay = inputs.replay
+    if replay is None or replay.block is not block:
+        yield lambda i: None
+        return
+    with replay.pass_(observed) as run:
+        yield run.batch
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     """The block's output hidden states for every captured batch."""
-    return [_block_output(block(h, *a, **k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+    outputs = []
+    with _replaying(block, inputs, None) as start:
+        for i, (h, a, k) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs)):
+            start(i)
+            outputs.append(_block_output(block(h, *a, **k)))
+    return outputs
 
 
 class _AllObserved(Exception):
@@ -120,12 +141,14 @@ def collect_inputs(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.M
 
     handles = [m.register_forward_pre_hook(lambda _m, a, n=n: hook(n, a[0])) for n, m in layers.items()]
     try:
-        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
-            seen.clear()
-            try:
-                block(h, *a, **k)
-            except _AllObserved:
-                pass
+        with _replaying(block, inputs, set(layers.values())) as start:
+            for i, (h, a, k) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs)):
+                start(i)
+                seen.clear()
+                try:
+                    block(h, *a, **k)
+                except _AllObserved:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
@@ -202,9 +225,11 @@ def run_sequential(
         block = blocks[index].to(device)
         if track_float:
             inputs.reference_block = copy.deepcopy(block)
+        inputs.replay = BlockReplay(block)
         if per_block[index]:
             records.update(process_block(f"{blocks_name}.{index}.", block, per_block[index], inputs))
         inputs.hidden = run_block(block, inputs)
+        inputs.replay = None
         if track_float:
             inputs.reference = run_block(inputs.reference_block, BlockInputs(inputs.reference, inputs.args, inputs.kwargs))
             inputs.reference_block = None

@@ -155,3 +155,41 @@ def test_track_float_carries_the_float_models_hidden_states(tiny_models):
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == len(layers)
     for i, ref in enumerate(seen):
         assert torch.allclose(ref, hidden[i], atol=1e-5), (i, (ref - hidden[i]).abs().max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_replaying_unchanged_modules_changes_nothing(tiny_models, family, method, monkeypatch):
+    """squeeze.replay serves the outputs of modules that cannot have changed since the block's last pass.
+    The quantized model must be bit-identical to one calibrated with every pass recomputed, and under
+    true-sequential GPTQ replays must actually happen (q/k/v, then the whole attention, then gate/up)."""
+    import contextlib
+
+    import squeeze.replay
+    import squeeze.runner
+
+    calib = _calib(n=6, seqlen=24)
+    config = {"gptq": GPTQ, "awq": AWQ}[method](scheme=get_scheme("w4g32"))
+    served = []
+    original = squeeze.replay.BlockReplay._changes
+
+    def counting(self):
+        served.append(self.replayed)
+        return original(self)
+
+    monkeypatch.setattr(squeeze.replay.BlockReplay, "_changes", counting)
+    replayed = api.load(tiny_models[family])
+    api.quantize(replayed, config, calib)
+
+    @contextlib.contextmanager
+    def recompute(block, inputs, observed):
+        yield lambda i: None
+
+    monkeypatch.setattr(squeeze.runner, "_replaying", recompute)
+    plain = api.load(tiny_models[family])
+    api.quantize(plain, config, calib)
+    a, b = replayed.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    if method == "gptq":
+        assert max(served) > 0
