@@ -37,6 +37,7 @@ from bench.models import cache_dir, smollm2_dir, smollm2_gguf, wikitext_lines  #
 from squeeze import api  # noqa: E402
 from squeeze.calib import CalibConfig  # noqa: E402
 from squeeze.resources import default_calibration_text  # noqa: E402
+from squeeze.scheme import GGUF_TYPE_MIXES, MIX_SUFFIX  # noqa: E402
 
 BIN = ROOT.parent / "shared" / "bin"
 CTX = 512
@@ -132,7 +133,10 @@ def gguf_cells(cells: Cells, work: Path, model_dir: Path, text: Path, types, var
                 start = time.perf_counter()
                 if variant == "squeeze-gptq":
                     ckpt = work / f"gptq-{qtype}"
-                    quantize_cell(model_dir, ckpt, "gptq", qtype, CalibConfig(None, NSAMPLES, CTX, 0))
+                    # the mix llama-quantize writes for this --type (q4_0-mix: Q4_1 ffn_down in the first layers,
+                    # as llama.cpp does given an imatrix), so both files hold the same tensor types
+                    scheme = qtype + MIX_SUFFIX if qtype in GGUF_TYPE_MIXES else qtype
+                    quantize_cell(model_dir, ckpt, "gptq", scheme, CalibConfig(None, NSAMPLES, CTX, 0))
                     api.export(ckpt, "gguf", out, qtype=qtype, overwrite=True)
                 else:
                     extra = ["--imatrix", imatrix] if variant.endswith("imatrix") else []

@@ -176,6 +176,10 @@ GGUF_SCHEMES: dict[str, GGUFSchemeSpec] = {
 }
 # llama.cpp's mixed --type names: each layer gets the GGUF type the mix gives it (see GGUFMix).
 GGUF_MIXES: tuple[str, ...] = ("q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m")
+# --type names that are also a block type: as a scheme "q2_k" is the one grid, "q2_k-mix" the mix that
+# `llama-quantize ... Q2_K` (and `squeeze export --type q2_k`) writes (bumped tensors, shape fallbacks).
+MIX_SUFFIX = "-mix"
+GGUF_TYPE_MIXES: tuple[str, ...] = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q6_k")
 
 
 def gguf_scheme(qtype: str) -> QuantScheme:
@@ -200,12 +204,12 @@ class GGUFMix:
     activations: None = None
 
     def __post_init__(self) -> None:
-        if self.mix not in GGUF_MIXES:
-            raise SqueezeError(f"unknown GGUF mix {self.mix!r}; mixes: {', '.join(GGUF_MIXES)}")
+        if self.mix not in GGUF_MIXES + GGUF_TYPE_MIXES:
+            raise SqueezeError(f"unknown GGUF mix {self.mix!r}; mixes: {', '.join(GGUF_MIXES + GGUF_TYPE_MIXES)}")
 
     @property
     def name(self) -> str:
-        return self.mix
+        return self.mix + MIX_SUFFIX if self.mix in GGUF_TYPE_MIXES else self.mix
 
     def to_dict(self) -> dict:
         return {"name": self.mix, "mix": self.mix}
@@ -223,7 +227,10 @@ def get_scheme(name: str) -> "QuantScheme | GGUFMix":
         return gguf_scheme(key)
     if key in GGUF_MIXES:
         return GGUFMix(key)
+    if key.endswith(MIX_SUFFIX) and key[: -len(MIX_SUFFIX)] in GGUF_TYPE_MIXES:
+        return GGUFMix(key[: -len(MIX_SUFFIX)])
     if key not in PRESETS:
-        known = ", ".join(sorted(PRESETS) + list(GGUF_SCHEMES) + list(GGUF_MIXES))
+        known = ", ".join(sorted(PRESETS) + list(GGUF_SCHEMES) + list(GGUF_MIXES)
+                          + [m + MIX_SUFFIX for m in GGUF_TYPE_MIXES])
         raise SqueezeError(f"unknown scheme {name!r}; known schemes: {known}")
     return PRESETS[key]

@@ -282,3 +282,21 @@ def test_gguf_scheme_gptq_checkpoint_exports_exactly(tiny_models, tmp_path):
     assert art.type == "q4_0"
     assert any(n.startswith("14 calibrated layer(s) written exactly") for n in art.notes)
     assert art.verification["top1_agreement"] >= 0.95
+
+
+def test_calibrated_q4_0_mix_keeps_llamacpps_imatrix_types():
+    """llama-quantize given an imatrix writes ffn_down of the first n_layer/8 layers of a Q4_0 file as Q4_1
+    (SmolLM2: layers 0-2 of 30, 166,144 bytes more). `--scheme q4_0-mix` calibrates on those types, and the
+    export keeps them; a plain (uncalibrated) export keeps llama.cpp's types without an imatrix."""
+    from squeeze.exporters.gguf.mixes import choose_type, get_mix
+    from squeeze.scheme import GGUFMix, get_scheme
+
+    mix = get_mix("q4_0")
+    down = lambda i, calibrated: choose_type(mix, f"blk.{i}.ffn_down.weight", (576, 1536), i, 30, 3, True,  # noqa: E731
+                                             calibrated)[0]
+    assert [down(i, True) for i in (0, 2, 3)] == ["Q4_1", "Q4_1", "Q4_0"]
+    assert [down(i, False) for i in (0, 2, 3)] == ["Q4_0", "Q4_0", "Q4_0"]
+    assert choose_type(mix, "blk.0.attn_q.weight", (576, 576), 0, 30, 3, True, True)[0] == "Q4_0"
+    scheme = get_scheme("q2_k-mix")
+    assert scheme == GGUFMix("q2_k") and scheme.name == "q2_k-mix"
+    assert get_scheme("q2_k").gguf == "q2_k"  # the block type keeps its name

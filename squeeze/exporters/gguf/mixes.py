@@ -116,9 +116,19 @@ def fallback(qtype: str, cols: int) -> str:
     return alt if alt is not None and fits(alt, cols) else "F16"
 
 
+def imatrix_bump(mix: str, cat: str, i: int, n: int) -> str | None:
+    """The type llama.cpp gives a tensor only when an importance matrix is given: Q4_0/Q5_0 files keep
+    ffn_down of the first n_layer/8 layers in Q4_1/Q5_1 ("craziness in the first few ffn_down layers").
+    squeeze applies it to calibrated checkpoints, whose calibration plays the imatrix's part."""
+    if cat == "ffn_down" and i < n // 8:
+        return {"q4_0": "Q4_1", "q5_0": "Q5_1"}.get(mix)
+    return None
+
+
 def choose_type(mix: Mix, gguf_name: str, shape: tuple[int, ...], layer: int, n_layer: int,
-                n_gqa: int, tied: bool) -> tuple[str, str]:
-    """(chosen ggml type, the type the mix asked for before any shape fallback) for one tensor."""
+                n_gqa: int, tied: bool, calibrated: bool = False) -> tuple[str, str]:
+    """(chosen ggml type, the type the mix asked for before any shape fallback) for one tensor;
+    ``calibrated``: with llama.cpp's rules for a quantization given an imatrix (`imatrix_bump`)."""
     if len(shape) < 2 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
         return "F32", "F32"
     if FORMATS[mix.default].is_float:
@@ -134,7 +144,8 @@ def choose_type(mix: Mix, gguf_name: str, shape: tuple[int, ...], layer: int, n_
         elif mix.default != "Q8_0":
             wanted = "Q6_K"
     elif cat != "token_embd":
-        wanted = _bump(mix.name, cat, layer, n_layer, n_gqa) or mix.default
+        wanted = ((calibrated and imatrix_bump(mix.name, cat, layer, n_layer))
+                  or _bump(mix.name, cat, layer, n_layer, n_gqa) or mix.default)
     return fallback(wanted, cols), wanted
 
 
@@ -160,7 +171,7 @@ def layer_types(model, names: list[str], mix_name: str) -> dict[str, str | None]
                                f"the GGUF mix {mix_name!r} cannot place it (--ignore it)")
         shape = tuple(model.get_submodule(name).weight.shape)
         qtype, _ = choose_type(mix, gname, shape, layer_index(gname), hp.n_layer, hp.n_head // hp.n_head_kv,
-                               hp.tie_embeddings)
+                               hp.tie_embeddings, calibrated=True)
         out[name] = None if FORMATS[qtype].is_float else qtype
     return out
 

@@ -67,6 +67,9 @@ def plan_tensors(source: ModelSource, spec: ArchSpec, hp: Hparams, mix: Mix, req
         layer = source.quant_layer(hf_name) if hf_name.endswith(".weight") else None
         if layer is not None:
             grid = _checkpoint_grid(layer)
+            calibrated = choose_type(mix, name, shape, layer_index(name), hp.n_layer, n_gqa, hp.tie_embeddings, True)
+            if grid is not None and grid == calibrated[0]:  # calibrated on the mix: llama.cpp's imatrix types
+                qtype, wanted = calibrated
             if grid == qtype:
                 exact = True
             elif not FORMATS[qtype].is_float:
