@@ -101,18 +101,16 @@ class IntGrid:
             return IntParams(scale, zero)
         ratios = torch.tensor(SHRINK_RATIOS, device=w.device).unsqueeze(1)  # [R, 1]
         imp = importance.float().to(w.device)
-        best = torch.empty(w.shape[0], dtype=torch.long, device=w.device)
+        scale, zero = scale.clone(), zero.clone()  # filled row chunk by row chunk below
         step = max(1, FIT_CHUNK_ELEMENTS // (len(SHRINK_RATIOS) * w.shape[1]))
         for r0 in range(0, w.shape[0], step):  # all ratios at once, a bounded number of rows at a time
             rows = slice(r0, r0 + step)
             s, z = qparams_from_range(wmin[rows] * ratios, wmax[rows] * ratios, self.scheme.bits, self.scheme.symmetric)
-            s, z = s.unsqueeze(2), z.unsqueeze(2)  # [R, rows, 1]
-            q = (torch.round(w[rows] / s) + z).clamp(0, self.scheme.maxq)
-            err = ((q - z) * s - w[rows]).pow(2).mul_(imp).sum(dim=2)  # [R, rows]
-            best[rows] = err.argmin(dim=0)  # the first of equal errors: min-max wins ties
-        s, z = qparams_from_range(wmin * ratios, wmax * ratios, self.scheme.bits, self.scheme.symmetric)
-        pick = best.unsqueeze(0)
-        return IntParams(s.gather(0, pick)[0], z.gather(0, pick)[0])
+            q = (torch.round(w[rows] / s.unsqueeze(2)) + z.unsqueeze(2)).clamp(0, self.scheme.maxq)
+            err = ((q - z.unsqueeze(2)) * s.unsqueeze(2) - w[rows]).pow(2).mul_(imp).sum(dim=2)  # [R, rows]
+            pick = err.argmin(dim=0, keepdim=True)  # the first of equal errors: min-max wins ties
+            scale[rows], zero[rows] = s.gather(0, pick)[0], z.gather(0, pick)[0]
+        return IntParams(scale, zero)
 
     def nearest(self, w: torch.Tensor, params: IntParams, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         s, z = params.scale.unsqueeze(1), params.zero.unsqueeze(1)

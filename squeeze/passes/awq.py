@@ -21,7 +21,7 @@ from squeeze.errors import SqueezeError
 from squeeze.grid import WeightGrid, grid_for, quantize_rtn
 from squeeze.model import linear_weight
 from squeeze.passes.common import install_rounded, select_layers
-from squeeze.passes.gptq_core import HessianAccumulator, output_rel_error, shrink_to_diagonal
+from squeeze.passes.gptq_core import HessianAccumulator, check_shrink, output_rel_error, shrink_to_diagonal
 from squeeze.passes.scaling import fold_scales, mappings_for, relative_names, resolve
 from squeeze.registry import register_pass
 from squeeze.runner import BlockInputs, collect_inputs, groups_by_shared_input, run_sequential
@@ -55,8 +55,7 @@ class AWQ:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.shrink <= 1.0:
-            raise SqueezeError(f"--shrink must be in [0, 1] (0: the full Hessian, 1: its diagonal), got {self.shrink}")
+        check_shrink(self.shrink)
         if self.n_grid < 1:
             raise SqueezeError(f"AWQ n_grid must be at least 1, got {self.n_grid}")
         if not 0.0 <= self.max_shrink < 1.0:

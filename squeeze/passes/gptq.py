@@ -17,7 +17,8 @@ from squeeze.errors import SqueezeError
 from squeeze.grid import grid_for
 from squeeze.model import linear_weight
 from squeeze.passes.common import replace_with_quant_linear, select_layers
-from squeeze.passes.gptq_core import (CrossAccumulator, GPTQResult, HessianAccumulator, float_target_weight,
+from squeeze.passes.gptq_core import (CrossAccumulator, GPTQResult, HessianAccumulator, check_shrink,
+                                     float_target_weight,
                                      gptq_quantize, output_rel_error)
 from squeeze.registry import register_pass
 from squeeze.runner import BlockInputs, collect_inputs, collect_paired_inputs, groups_by_shared_input, run_sequential
@@ -61,8 +62,7 @@ class GPTQ:
             raise SqueezeError(f"--block-size must be a positive integer, got {self.block_size}")
         if not 0.0 < self.damp < 1.0:
             raise SqueezeError(f"--damp must be in (0, 1) (a fraction of the mean Hessian diagonal), got {self.damp}")
-        if not 0.0 <= self.shrink <= 1.0:
-            raise SqueezeError(f"--shrink must be in [0, 1] (0: the full Hessian, 1: its diagonal), got {self.shrink}")
+        check_shrink(self.shrink)
         if self.token_cap is not None and self.token_cap < 1.0:
             raise SqueezeError(f"GPTQ token_cap must be at least 1 (times the median token energy), got {self.token_cap}")
         if self.scheme.activations is not None:

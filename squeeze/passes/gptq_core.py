@@ -113,6 +113,12 @@ def float_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torc
     return W + correction
 
 
+def check_shrink(shrink: float) -> None:
+    """Raise unless ``shrink`` is a valid `shrink_to_diagonal` fraction (the --shrink flag)."""
+    if not 0.0 <= shrink <= 1.0:
+        raise SqueezeError(f"--shrink must be in [0, 1] (0: the full Hessian, 1: its diagonal), got {shrink}")
+
+
 def shrink_to_diagonal(hessian: torch.Tensor, shrink: float) -> torch.Tensor:
     """(1 - shrink) H + shrink diag(H): the calibration inputs' correlations, trusted only in part.
 

@@ -284,12 +284,12 @@ def quantize_blocks(x: np.ndarray, qtype: str, importance: Optional[np.ndarray] 
     blocks = x.reshape(-1, fmt.block_size)
     step = max(1, _CHUNK_WEIGHTS // fmt.block_size)  # bounded temporaries, cache-friendly
     impl = _IMPLS[qtype].quantize
-    if importance is None:
-        chunks = [impl(blocks[i:i + step]) for i in range(0, len(blocks), step)]
-    else:
-        imp = np.asarray(importance, dtype=F32).reshape(nb, fmt.block_size)
-        imp_rows = lambda i, n: imp[(np.arange(i, i + n) % nb)]  # noqa: E731  (block i is column block i % nb)
-        chunks = [impl(blocks[i:i + step], imp_rows(i, len(blocks[i:i + step]))) for i in range(0, len(blocks), step)]
+    imp = None if importance is None else np.asarray(importance, dtype=F32).reshape(nb, fmt.block_size)
+    chunks = []
+    for i in range(0, len(blocks), step):
+        chunk = blocks[i:i + step]
+        # block j of the flattened rows holds column block j % nb
+        chunks.append(impl(chunk) if imp is None else impl(chunk, imp[np.arange(i, i + len(chunk)) % nb]))
     if not chunks:  # no blocks: empty fields of the right dtypes, taken from a dummy block
         dummy = _IMPLS[qtype].quantize(np.zeros((1, fmt.block_size), F32))
         chunks = [tuple(None if f is None else f[:0] for f in dummy)]
