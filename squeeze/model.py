@@ -129,12 +129,31 @@ def validate_model_dir(path: str | Path) -> Path:
     if not (p / "config.json").is_file():
         raise SqueezeError(f"{str(p)!r} has no config.json — is it a Hugging Face model directory?")
     try:
-        json.loads((p / "config.json").read_text())
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SqueezeError(f"{str(p / 'config.json')!r} is not valid JSON: {e}") from None
-    if not weight_files(p):
+    if not isinstance(config, dict):
+        raise SqueezeError(f"{str(p / 'config.json')!r} is not a model config (expected a JSON object)")
+    files = weight_files(p)
+    if not files:
         raise SqueezeError(f"{str(p)!r} has no weight files (*.safetensors or *.bin)")
+    for f in files:
+        if f.suffix == ".safetensors":
+            check_safetensors(f)
     return p
+
+
+def check_safetensors(path: Path) -> None:
+    """Read a .safetensors file's header: a truncated or corrupt file is one error naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            fh.keys()
+    except Exception as e:  # SafetensorError has no importable base; OSError for unreadable files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SqueezeError(f"{str(path)!r} is not a readable safetensors file ({reason}); "
+                           "re-download or re-create it") from None
 
 
 def hash_file(h, path: Path) -> None:

@@ -125,15 +125,27 @@ def write_checkpoint(
 
 
 def read_metadata(path: Path) -> dict | None:
+    """squeeze.json of a checkpoint directory (None if it has none); a corrupt one is an error naming it."""
     f = path / METADATA_NAME
-    return json.loads(f.read_text()) if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SqueezeError(f"{str(f)!r} is not valid JSON ({e}); re-create the checkpoint") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("layers", {}), dict):
+        raise SqueezeError(f"{str(f)!r} is not a squeeze checkpoint record (expected an object with 'layers')")
+    return meta
 
 
 def read_layer_schemes(path: Path) -> dict[str, QuantScheme]:
     """Each quantized layer's grid as squeeze.json records it (empty for checkpoints of other tools)."""
     meta = read_metadata(path) or {}
-    return {name: QuantScheme.from_dict(rec["scheme_dict"])
-            for name, rec in meta.get("layers", {}).items() if "scheme_dict" in rec}
+    try:
+        return {name: QuantScheme.from_dict(rec["scheme_dict"])
+                for name, rec in meta.get("layers", {}).items() if "scheme_dict" in rec}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SqueezeError(f"{str(path / METADATA_NAME)!r} records a layer grid squeeze cannot read ({e!r})") from None
 
 
 def scheme_from_quantization_config(qc: dict):
