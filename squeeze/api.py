@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from squeeze import __version__
-from squeeze.calib import CalibConfig, CalibrationSet, load_calibration, read_text, tokenize_stream
+from squeeze.calib import SELF, CalibConfig, CalibrationSet, load_calibration, read_text, tokenize_stream
 from squeeze.checkpoint import gptq as ckpt
 from squeeze.errors import SqueezeError
-from squeeze.exporters import Artifact, get_exporter
+from squeeze.exporters import OUTPUT_SUFFIXES, Artifact, get_exporter
 from squeeze.eval.evaluate import EvalResult, choose_context, evaluate_tokens
 from squeeze.eval.runtimes import TorchRuntime, open_runtime
 from squeeze.fsutil import atomic_output_dir, check_output_path
@@ -128,7 +128,7 @@ def save(
         "created_unix": int(time.time()),
         "layers": layer_meta,
     }
-    target = check_output_path(out, overwrite)
+    target = check_output_path(out, overwrite, inputs=(source_path,))
     with atomic_output_dir(target, overwrite) as tmp:
         desc_act = not all(m.has_ordered_groups() for m in layers.values())  # act-order without static groups
         from_gguf = source_path is not None and is_gguf(source_path)
@@ -148,7 +148,8 @@ def quantize_dir(
 ) -> Path:
     """Load a model directory (or GGUF file), quantize it with ``config``, and write the checkpoint to ``out``."""
     src = validate_source(model_path)
-    check_output_path(out, overwrite)
+    calib = calib or CalibConfig()
+    check_output_path(out, overwrite, inputs=(src, None if calib.path == SELF else calib.path))
     recipe = _as_recipe(config)
     model = load(src, dtype)
     calib_set = None
@@ -176,7 +177,7 @@ def export(model: str | Path, fmt: str, output: str | Path, overwrite: bool = Fa
     src = Path(model)
     if not src.exists():
         raise SqueezeError(f"model path {str(src)!r} does not exist")
-    out = check_output_path(output, overwrite)
+    out = check_output_path(output, overwrite, kind="file", inputs=(src,), suffixes=OUTPUT_SUFFIXES[fmt])
     if getattr(config_cls, "reads_gguf", False):
         return export_fn(src, out, config, overwrite)
     with as_model_dir(src, out.parent) as model_dir:  # a GGUF input is dequantized into a temporary directory

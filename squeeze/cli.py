@@ -116,7 +116,7 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
     from squeeze.sources import validate_source
 
     validate_source(model)
-    check_output_path(output, overwrite)
+    check_output_path(output, overwrite, inputs=(model, recipe, None if calib in (None, SELF) else calib))
     default_bits, default_granularity, default_act = METHOD_SCHEME_DEFAULTS.get(method, (4, "group", "none"))
     bits = default_bits if bits is None else bits
     granularity = granularity or default_granularity
@@ -299,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except click.UsageError as e:
         click.echo(f"error: {e.format_message()}", err=True)
+        return 2
+    except OSError as e:  # the filesystem said no (read-only, full, a directory where a file was expected)
+        where = f": {str(e.filename)!r}" if e.filename else ""
+        click.echo(f"error: {e.strerror or e}{where}", err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -9,7 +9,6 @@ GGUF are refused in one line that names them.
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -144,8 +143,10 @@ def as_model_dir(path: Path, scratch: Path):
         return
     model = load_gguf_model(path)
     tokenizer = load_gguf_tokenizer(path)
-    with tempfile.TemporaryDirectory(prefix=f".{path.stem}.dequantized-", dir=scratch) as tmp:
+    from squeeze.fsutil import scratch_dir
+
+    with scratch_dir(scratch, f"{path.stem}.dequantized") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model
-        yield Path(tmp)
+        yield tmp

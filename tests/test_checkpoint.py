@@ -111,7 +111,7 @@ def test_failed_write_leaves_nothing(stories_dir, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "write_checkpoint", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(SqueezeError, match=r"cannot write output '.*/c': disk full"):  # one line naming the output
         squeeze.save(model, tmp_path / "c", source=stories_dir)
     assert list(tmp_path.iterdir()) == []
 
@@ -123,8 +123,15 @@ def test_existing_output_needs_overwrite(stories_dir, tmp_path):
     with pytest.raises(SqueezeError, match="--overwrite"):
         squeeze.save(model, tmp_path / "c", source=stories_dir)
     assert (tmp_path / "c" / "keep.txt").is_file()
-    squeeze.save(model, tmp_path / "c", source=stories_dir, overwrite=True)
-    assert not (tmp_path / "c" / "keep.txt").exists() and (tmp_path / "c" / "model.safetensors").is_file()
+    # --overwrite replaces a directory squeeze wrote (it holds squeeze.json), never a user's directory
+    with pytest.raises(SqueezeError, match="squeeze did not write"):
+        squeeze.save(model, tmp_path / "c", source=stories_dir, overwrite=True)
+    assert (tmp_path / "c" / "keep.txt").is_file()
+    (tmp_path / "c" / "keep.txt").unlink()
+    squeeze.save(model, tmp_path / "c", source=stories_dir, overwrite=True)  # an empty directory may be filled
+    (tmp_path / "c" / "extra.txt").write_text("x")
+    squeeze.save(model, tmp_path / "c", source=stories_dir, overwrite=True)  # squeeze's own output is replaced
+    assert not (tmp_path / "c" / "extra.txt").exists() and (tmp_path / "c" / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 

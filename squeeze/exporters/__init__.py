@@ -20,6 +20,9 @@ EXPORTERS: dict[str, tuple[str, str, str]] = {
     "tensorrt": ("squeeze.exporters.tensorrt", "export_tensorrt", "TensorRTExport"),
 }
 
+# format name -> the endings its output file may have (checked before any work)
+OUTPUT_SUFFIXES: dict[str, tuple[str, ...]] = {"gguf": (".gguf",), "onnx": (".onnx",), "tensorrt": (".plan", ".engine")}
+
 
 @dataclass
 class Artifact:

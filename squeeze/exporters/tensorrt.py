@@ -13,7 +13,6 @@ saying which.
 from __future__ import annotations
 
 import ctypes
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -200,7 +199,7 @@ def build_engine(onnx_path: Path, profiles: dict, flags: tuple[str, ...], worksp
 def export_tensorrt(src: Path, out: Path, config: TensorRTExport, overwrite: bool = False) -> Artifact:
     """Export ``src`` to ONNX (temporary), build the engine, verify it against the ONNX graph's torch model."""
     from squeeze.exporters.onnx.exporter import ONNXExport, export_onnx
-    from squeeze.fsutil import atomic_output_file
+    from squeeze.fsutil import atomic_output_file, scratch_dir
 
     if out.suffix.lower() not in ENGINE_SUFFIXES:
         raise SqueezeError(f"TensorRT output must end in {' or '.join(ENGINE_SUFFIXES)}, got {str(out)!r}")
@@ -209,8 +208,8 @@ def export_tensorrt(src: Path, out: Path, config: TensorRTExport, overwrite: boo
     if config.qtype == "int4":
         refuse_int4_grids(src)
     require_builder_flags(require_tensorrt(), kind.flags)  # before any work
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.onnx-", dir=out.parent) as tmp:
-        onnx_art = export_onnx(src, Path(tmp) / "model.onnx",
+    with scratch_dir(out.parent, out.name) as tmp:
+        onnx_art = export_onnx(src, tmp / "model.onnx",
                                ONNXExport(qtype=kind.onnx_type, verify=False, kv_cache=config.kv_cache,
                                           act_encoding="int8", int4_encoding=kind.int4_encoding))
         if kind.lowering is not None and kind.lowering not in onnx_art.type:

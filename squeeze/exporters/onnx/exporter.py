@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,8 +172,9 @@ def write_graph(spec: GraphSpec, out: Path, config: ONNXExport, overwrite: bool,
     """Trace ``spec`` to ``out`` atomically; ``verify_fn(runtime)`` runs before the move. Returns (bytes, record)."""
     from squeeze.eval.onnxruntime import OrtRuntime, artifact_size
 
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as tmp:
-        tmp_dir = Path(tmp)
+    from squeeze.fsutil import scratch_dir
+
+    with scratch_dir(out.parent, out.name) as tmp_dir:
         raw_dir = tmp_dir / "raw"
         raw_dir.mkdir()
         _trace(spec, raw_dir / "model.onnx", config.onnx_opset)
@@ -231,7 +231,7 @@ def export_module(
     config = config or ONNXExport()
     if config.kv_cache:
         raise SqueezeError("--kv-cache applies to causal language models, not plain modules")
-    out = check_output_path(out, overwrite)
+    out = check_output_path(out, overwrite, kind="file", suffixes=(".onnx",))
     reference = module.eval()
     model = copy.deepcopy(reference)
     precision = precision_name(model, config.qtype, config.int4_encoding)
