@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from squeeze.exporters import OUTPUT_SUFFIXES, Artifact, get_exporter
 from squeeze.eval.evaluate import EvalResult, choose_context, evaluate_tokens
 from squeeze.eval.runtimes import TorchRuntime, open_runtime
 from squeeze.fsutil import atomic_output_dir, check_output_path
-from squeeze.model import auto_class_for, load_pretrained, validate_model_dir
+from squeeze.model import (auto_class_for, check_finite_files, load_pretrained, nonfinite_tensors, refuse_nonfinite,
+                           validate_model_dir)
 from squeeze.modules import QuantLinear
 from squeeze.recipe import Recipe
 from squeeze.registry import pass_for_config
@@ -60,7 +62,13 @@ def _resolve_dtype(name: str | None) -> torch.dtype | None:
 
 def load(path: str | Path, dtype: str | None = None) -> nn.Module:
     """Load a model: a float Hugging Face directory, a squeeze/GPTQ quantized checkpoint, or a GGUF file
-    (dequantized by transformers, float32 unless ``dtype`` says otherwise)."""
+    (dequantized by transformers, float32 unless ``dtype`` says otherwise). NaN/Inf weights are refused."""
+    model = _load_unchecked(path, dtype)
+    refuse_nonfinite(nonfinite_tensors(model.state_dict().items()), str(path))
+    return model
+
+
+def _load_unchecked(path: str | Path, dtype: str | None = None) -> nn.Module:
     if is_gguf(path):
         return load_gguf_model(Path(path), _resolve_dtype(dtype))
     p = validate_model_dir(path)
@@ -70,7 +78,10 @@ def load(path: str | Path, dtype: str | None = None) -> nn.Module:
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
-    scheme = ckpt.scheme_from_quantization_config(config["quantization_config"])
+    try:
+        scheme = ckpt.scheme_from_quantization_config(config["quantization_config"])
+    except (SqueezeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SqueezeError(f"{str(p / 'config.json')!r}: quantization_config: {e}") from None
     layer_schemes = ckpt.read_layer_schemes(p)
     hf_config = AutoConfig.from_pretrained(p, local_files_only=True)
     if hasattr(hf_config, "quantization_config"):
@@ -151,10 +162,13 @@ def quantize_dir(
     calib = calib or CalibConfig()
     check_output_path(out, overwrite, inputs=(src, None if calib.path == SELF else calib.path))
     recipe = _as_recipe(config)
-    model = load(src, dtype)
+    needs_calibration = any(pass_for_config(p).needs_calibration(p) for p in recipe.passes)
     calib_set = None
-    if any(pass_for_config(p).needs_calibration(p) for p in recipe.passes):
-        calib_set = load_calibration(source_tokenizer(src), calib or CalibConfig(), model=model)
+    if needs_calibration and calib.path != SELF:  # a bad calibration file is reported before the model loads
+        calib_set = load_calibration(source_tokenizer(src), calib)
+    model = load(src, dtype)
+    if needs_calibration and calib_set is None:
+        calib_set = load_calibration(source_tokenizer(src), calib, model=model)
     records = quantize(model, recipe, calib_set)
     return save(model, out, recipe, source=src, calib=calib_set, records=records, overwrite=overwrite)
 
@@ -178,6 +192,8 @@ def export(model: str | Path, fmt: str, output: str | Path, overwrite: bool = Fa
     if not src.exists():
         raise SqueezeError(f"model path {str(src)!r} does not exist")
     out = check_output_path(output, overwrite, kind="file", inputs=(src,), suffixes=OUTPUT_SUFFIXES[fmt])
+    if not is_gguf(src):  # a GGUF input is checked as it is dequantized (squeeze.load)
+        check_finite_files(validate_model_dir(src))
     if getattr(config_cls, "reads_gguf", False):
         return export_fn(src, out, config, overwrite)
     with as_model_dir(src, out.parent) as model_dir:  # a GGUF input is dequantized into a temporary directory
@@ -224,10 +240,25 @@ def evaluate(
     ctx = choose_context(rt, ctx)
     if ctx < 2:
         raise SqueezeError(f"--ctx must be at least 2, got {ctx}")
+    if rt.max_context and ctx > rt.max_context:  # positions beyond the trained ones score garbage, slowly
+        raise SqueezeError(f"--ctx {ctx} is beyond the model's {rt.max_context} positions; pass --ctx "
+                           f"{rt.max_context} or less")
     tokens = tokenize_stream(tokenizer, read_text(data))
     if len(tokens) < 2:
         raise SqueezeError(f"{str(data)!r} holds fewer than 2 tokens; nothing to score")
-    return evaluate_tokens(rt, tokens, ctx, ref_rt, rt.size_bytes, progress)
+    result = evaluate_tokens(rt, tokens, ctx, ref_rt, rt.size_bytes, progress)
+    if not math.isfinite(result.ppl):
+        raise SqueezeError(f"{_name(model)!r} gave non-finite logits (ppl {result.ppl}) on {str(data)!r}: its "
+                           "weights hold NaN/Inf or its arithmetic overflows")
+    return result
+
+
+def _name(model) -> str:
+    """A path naming ``model`` for messages (runtimes of files keep theirs)."""
+    if isinstance(model, (str, Path)):
+        return str(model)
+    path = getattr(model, "path", None)
+    return str(path) if path is not None else "the model"
 
 
 def is_encoder(rt) -> bool:
@@ -253,10 +284,11 @@ def evaluate_encoder(model, data: str | Path, reference, tokenizer=None, runtime
 def evaluate_task(
     model: str | Path | nn.Module, task: str | Path, tokenizer=None, runtime: str | None = None, progress: bool = True
 ):
-    """Multiple-choice accuracy of ``model`` on a JSONL task file ({context, choices, label} per line)."""
+    """Multiple-choice accuracy of ``model`` on a JSONL task file ({context, choices, label} per line),
+    or on the items load_multiple_choice read from one."""
     from squeeze.eval.tasks import evaluate_multiple_choice, load_multiple_choice
 
-    items = load_multiple_choice(task)
+    items = task if isinstance(task, list) else load_multiple_choice(task)
     rt = _open(model, runtime)
     return evaluate_multiple_choice(rt, _tokenizer_for(tokenizer, rt), items, progress)
 
@@ -297,7 +329,11 @@ def eval_report(
     The artifact is opened once; ``latency`` is True or the settings of measure_speed.
     """
     from squeeze.eval.device import describe_device
+    from squeeze.eval.tasks import load_multiple_choice
 
+    items = load_multiple_choice(task) if task is not None else None  # bad task or text files fail before any work
+    if Path(data).suffix.lower() != ".npz":  # classifier inputs are .npz arrays, everything else is text
+        read_text(data)
     out = dict.fromkeys(EVAL_JSON_KEYS)
     rt = _open(model, runtime)
     if getattr(rt, "kind", None) == "module":  # a plain-module graph: a classifier on .npz inputs
@@ -313,7 +349,7 @@ def eval_report(
     if task is not None:
         if tokenizer is None and rt.tokenizer is None and reference is not None:
             tokenizer = source_tokenizer(Path(reference))
-        t = evaluate_task(rt, task, tokenizer=tokenizer, progress=progress)
+        t = evaluate_task(rt, items, tokenizer=tokenizer, progress=progress)
         out.update(task_accuracy=t.accuracy, task_accuracy_norm=t.accuracy_norm, task_items=t.items)
     if latency:
         speed = measure_speed(rt, **(latency if isinstance(latency, dict) else {}))

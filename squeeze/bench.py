@@ -73,11 +73,14 @@ class BenchConfig:
             raise SqueezeError(f"bench config {str(p)!r} does not exist")
         try:
             data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise SqueezeError(f"cannot parse {str(p)!r}: {e}") from None
         if not isinstance(data, dict):
             raise SqueezeError(f"bench config {str(p)!r} must be a mapping")
-        return cls.from_dict(data, base=p.parent)
+        try:
+            return cls.from_dict(data, base=p.parent)
+        except (SqueezeError, TypeError, ValueError, AttributeError) as e:  # say which file holds the mistake
+            raise SqueezeError(f"bench config {str(p)!r}: {e}") from None
 
 
 def _digest(obj) -> str:
@@ -134,15 +137,22 @@ def measure_cell(artifact: Path, config: BenchConfig, runtime: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_bench(config: BenchConfig, cache: Path, progress: bool = True) -> list[dict]:
-    """All rows of the grid: the float model (method "float" in the config exports it to every format,
-    else it is measured in torch only), then every method x format cell."""
-    from squeeze.model import directory_hash, validate_model_dir
-
-    model_hash = directory_hash(validate_model_dir(config.model))
+def grid_cells(config: BenchConfig) -> list[tuple[dict, dict]]:
+    """(method, format) of every cell, the float model first."""
     cells = [(m, f) for m in config.methods for f in config.formats]
     if not any(m["method"] == "float" for m in config.methods):  # the float model is always the first row
         cells.insert(0, ({"method": "float"}, {"format": "torch"}))
+    return cells
+
+
+def run_bench(config: BenchConfig, cache: Path, progress: bool = True, keep_going: bool = True) -> list[dict]:
+    """All rows of the grid: the float model (method "float" in the config exports it to every format,
+    else it is measured in torch only), then every method x format cell. A failed cell is a row with an
+    "error"; without ``keep_going`` the grid stops there."""
+    from squeeze.model import directory_hash, validate_model_dir
+
+    model_hash = directory_hash(validate_model_dir(config.model))
+    cells = grid_cells(config)
     inputs = [model_hash, _file_digest(config.data), _file_digest(config.task), config.ctx, config.latency, __version__]
     rows = []
     for method, fmt in tqdm(cells, desc="bench", unit="cell", disable=not progress):
@@ -160,11 +170,23 @@ def run_bench(config: BenchConfig, cache: Path, progress: bool = True) -> list[d
         except SqueezeError as e:
             row["error"] = str(e)
             rows.append(row)  # failed cells are reported, not cached: a later run retries them
+            if not keep_going:
+                break
             continue
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(row))
         rows.append(row)
     return rows
+
+
+def failure_summary(rows: list[dict], cells: int) -> str | None:
+    """One line naming the failed cells (None if every cell ran)."""
+    failed = [r for r in rows if "error" in r]
+    if not failed:
+        return None
+    first = failed[0]
+    name = f"{first['method']}:{first['scheme']} x {first['format']}:{first['type']}"
+    return (f"{len(failed)} of {cells} bench cells failed (ran {len(rows)}); first: {name}: {first['error']}")
 
 
 def bench_report(config: BenchConfig, rows: list[dict], device: dict) -> dict:

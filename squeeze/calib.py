@@ -71,7 +71,7 @@ def read_text(path: str | Path) -> str:
     """Text of a .txt file, or the "text" fields of a .jsonl file joined by blank lines."""
     p = Path(path)
     if not p.is_file():
-        raise SqueezeError(f"data file {str(p)!r} does not exist")
+        raise SqueezeError(f"data file {str(p)!r} " + ("is not a file" if p.exists() else "does not exist"))
     try:
         raw = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -106,9 +106,11 @@ def load_calibration(tokenizer, config: CalibConfig, model=None) -> CalibrationS
         raise SqueezeError("calibration from text needs the model's tokenizer, and the model directory has none")
     path = config.path or default_calibration_text()
     stream = tokenize_stream(tokenizer, read_text(path))
-    seqlen = min(config.seqlen, len(stream))
-    if seqlen < 2:
-        raise SqueezeError(f"calibration text {str(path)!r} is too short ({len(stream)} tokens)")
+    seqlen = config.seqlen
+    if len(stream) < seqlen:  # every window would be the whole text, shorter than asked: refuse (see README)
+        raise SqueezeError(f"calibration text {str(path)!r} has {len(stream)} tokens, fewer than one --seqlen "
+                           f"window of {seqlen}; give at least {seqlen} tokens of text (better "
+                           f"--nsamples x --seqlen = {config.nsamples * seqlen}) or a smaller --seqlen")
     gen = torch.Generator().manual_seed(config.seed)
     starts = torch.randint(0, len(stream) - seqlen + 1, (config.nsamples,), generator=gen)
     windows = torch.stack([stream[s : s + seqlen] for s in starts.tolist()])

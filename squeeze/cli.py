@@ -126,7 +126,8 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
     if group_size is not None and group_size <= 0:
         raise SqueezeError(f"--group-size must be a positive integer, got {group_size}")
     if calib is not None and calib != SELF and not Path(calib).is_file():
-        raise SqueezeError(f"calibration file {calib!r} does not exist (or pass --calib self)")
+        what = "is not a file" if Path(calib).exists() else "does not exist"
+        raise SqueezeError(f"calibration file {calib!r} {what} (or pass --calib self)")
     options = _method_options(method, {"damp": damp, "block_size": block_size, "act_order": act_order,
                                        "static_groups": static_groups, "alpha": alpha, "weighted_fit": weighted_fit,
                                        "float_target": float_target, "shrink": shrink,
@@ -166,9 +167,9 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
     if not model.exists():
         raise SqueezeError(f"model path {str(model)!r} does not exist")
     if not data.is_file():
-        raise SqueezeError(f"data file {str(data)!r} does not exist")
+        raise SqueezeError(f"data file {str(data)!r} " + ("is not a file" if data.exists() else "does not exist"))
     if task is not None and not task.is_file():
-        raise SqueezeError(f"task file {str(task)!r} does not exist")
+        raise SqueezeError(f"task file {str(task)!r} " + ("is not a file" if task.exists() else "does not exist"))
     if reference is not None:
         validate_source(reference)
     if ctx is not None and ctx < 2:
@@ -254,9 +255,12 @@ def _bench_config_from_flags(name, model, data, task, methods, formats):
               help="The report goes into REPORTS/<name>/.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".squeeze-cache"), show_default=True,
               help="Checkpoints, artifacts and finished cells, reused by later runs.")
-def bench(config, name, model, data, task, methods, formats, reports, cache_dir) -> None:
+@click.option("--keep-going", is_flag=True,
+              help="Run every cell even if some fail, and exit 0 (failed cells show in the error column); "
+                   "without it the bench stops at the first failed cell and exits 1.")
+def bench(config, name, model, data, task, methods, formats, reports, cache_dir, keep_going) -> None:
     """Run a grid of methods x export formats on one model and write reports/<name>/ (JSON, Markdown, HTML, plots)."""
-    from squeeze.bench import BenchConfig, bench_report, run_bench
+    from squeeze.bench import BenchConfig, bench_report, failure_summary, grid_cells, run_bench
     from squeeze.eval.bench_report import BENCH_COLUMNS, write_report
     from squeeze.eval.device import describe_device
     from squeeze.eval.report import text_table
@@ -267,11 +271,17 @@ def bench(config, name, model, data, task, methods, formats, reports, cache_dir)
             cfg = BenchConfig.from_dict({**cfg.__dict__, "name": name})
     else:
         cfg = _bench_config_from_flags(name, model, data, task, methods, formats)
-    rows = run_bench(cfg, cache_dir)
+    rows = run_bench(cfg, cache_dir, keep_going=keep_going)
     files = write_report(bench_report(cfg, rows, describe_device()), reports / cfg.name)
     columns = [c for c in BENCH_COLUMNS if c not in ("type", "runtime") and any(r.get(c) is not None for r in rows)]
     click.echo(text_table(rows, columns + (["error"] if any("error" in r for r in rows) else [])))
     click.echo(f"wrote {', '.join(str(f) for f in files)}", err=True)
+    summary = failure_summary(rows, len(grid_cells(cfg)))
+    if summary and keep_going:
+        click.echo(f"warning: {summary}", err=True)
+    elif summary:
+        click.echo(f"error: {summary}; fix it and rerun (finished cells are cached), or pass --keep-going", err=True)
+        raise click.exceptions.Exit(1)
 
 
 @cli.command()
@@ -290,7 +300,7 @@ def quickstart(out) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning bad input into one line and exit code 2."""
     try:
-        cli.main(args=argv, prog_name="squeeze", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="squeeze", standalone_mode=False)  # a click Exit(n) comes back as n
     except SqueezeError as e:
         click.echo(f"error: {e}", err=True)
         return 2
@@ -312,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

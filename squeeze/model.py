@@ -156,6 +156,30 @@ def check_safetensors(path: Path) -> None:
                            "re-download or re-create it") from None
 
 
+def nonfinite_tensors(named_tensors) -> list[str]:
+    """Names of the floating-point tensors among (name, tensor) pairs that hold a NaN or an Inf."""
+    return [name for name, t in named_tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def refuse_nonfinite(names: list[str], where: str) -> None:
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise SqueezeError(f"{where!r} holds NaN or Inf weights in {len(names)} tensor(s): {shown}; "
+                           "squeeze will not quantize, export or evaluate them (re-create the model)")
+
+
+def check_finite_files(path: Path) -> None:
+    """Refuse a model directory whose safetensors weights hold NaN/Inf (read tensor by tensor)."""
+    from safetensors import safe_open
+
+    bad = []
+    for f in weight_files(path):
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), "pt") as fh:
+                bad += nonfinite_tensors((key, fh.get_tensor(key)) for key in fh.keys())
+    refuse_nonfinite(bad, str(path))
+
+
 def hash_file(h, path: Path) -> None:
     """Feed a file's bytes to the hash ``h`` in 1 MiB chunks."""
     with path.open("rb") as fh:

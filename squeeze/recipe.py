@@ -59,8 +59,11 @@ class Recipe:
 
         try:
             data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as e:
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
             raise SqueezeError(f"cannot read recipe {str(path)!r}: {e}") from None
-        if not isinstance(data, dict):
+        if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
             raise SqueezeError(f"recipe {str(path)!r} must be a mapping with a 'passes' list")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (SqueezeError, TypeError, ValueError, AttributeError) as e:  # say which file holds the mistake
+            raise SqueezeError(f"recipe {str(path)!r}: {e}") from None

@@ -97,6 +97,9 @@ def load_gguf_model(path: Path, dtype: torch.dtype | None = None) -> nn.Module:
         raise SqueezeError(f"transformers could not read {str(path)!r}: {str(e).splitlines()[0]}") from None
     # The weights are now plain float tensors: drop transformers' record of the GGUF quantization so the
     # model behaves (and saves) like any float model.
+    from squeeze.model import nonfinite_tensors, refuse_nonfinite
+
+    refuse_nonfinite(nonfinite_tensors(model.state_dict().items()), str(path))
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None

@@ -37,9 +37,13 @@ class TaskResult:
 def load_multiple_choice(path: str | Path) -> list[Choice]:
     p = Path(path)
     if not p.is_file():
-        raise SqueezeError(f"task file {str(p)!r} does not exist")
+        raise SqueezeError(f"task file {str(p)!r} " + ("is not a file" if p.exists() else "does not exist"))
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SqueezeError(f"task file {str(p)!r} is not UTF-8 text") from None
     items = []
-    for lineno, rec in jsonl_records(p, p.read_text(encoding="utf-8")):
+    for lineno, rec in jsonl_records(p, raw):
         ok = (
             isinstance(rec, dict)
             and isinstance(rec.get("context"), str)
