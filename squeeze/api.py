@@ -60,18 +60,19 @@ def _resolve_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def load(path: str | Path, dtype: str | None = None) -> nn.Module:
+def load(path: str | Path, dtype: str | None = None, allow_pickle: bool = False) -> nn.Module:
     """Load a model: a float Hugging Face directory, a squeeze/GPTQ quantized checkpoint, or a GGUF file
-    (dequantized by transformers, float32 unless ``dtype`` says otherwise). NaN/Inf weights are refused."""
-    model = _load_unchecked(path, dtype)
+    (dequantized by transformers, float32 unless ``dtype`` says otherwise). NaN/Inf weights are refused;
+    pickle-only weights (.bin) load only with ``allow_pickle`` (then with torch.load(weights_only=True))."""
+    model = _load_unchecked(path, dtype, allow_pickle)
     refuse_nonfinite(nonfinite_tensors(model.state_dict().items()), str(path))
     return model
 
 
-def _load_unchecked(path: str | Path, dtype: str | None = None) -> nn.Module:
+def _load_unchecked(path: str | Path, dtype: str | None, allow_pickle: bool) -> nn.Module:
     if is_gguf(path):
         return load_gguf_model(Path(path), _resolve_dtype(dtype))
-    p = validate_model_dir(path)
+    p = validate_model_dir(path, allow_pickle)
     config = json.loads((p / "config.json").read_text())
     if "quantization_config" not in config:
         return load_pretrained(p, _resolve_dtype(dtype))
@@ -156,9 +157,10 @@ def quantize_dir(
     calib: CalibConfig | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
+    allow_pickle: bool = False,
 ) -> Path:
     """Load a model directory (or GGUF file), quantize it with ``config``, and write the checkpoint to ``out``."""
-    src = validate_source(model_path)
+    src = validate_source(model_path, allow_pickle)
     calib = calib or CalibConfig()
     check_output_path(out, overwrite, inputs=(src, None if calib.path == SELF else calib.path))
     recipe = _as_recipe(config)
@@ -166,7 +168,7 @@ def quantize_dir(
     calib_set = None
     if needs_calibration and calib.path != SELF:  # a bad calibration file is reported before the model loads
         calib_set = load_calibration(source_tokenizer(src), calib)
-    model = load(src, dtype)
+    model = load(src, dtype, allow_pickle)
     if needs_calibration and calib_set is None:
         calib_set = load_calibration(source_tokenizer(src), calib, model=model)
     records = quantize(model, recipe, calib_set)
@@ -200,14 +202,14 @@ def export(model: str | Path, fmt: str, output: str | Path, overwrite: bool = Fa
         return export_fn(model_dir, out, config, overwrite)
 
 
-def _open(model, runtime: str | None = None):
+def _open(model, runtime: str | None = None, allow_pickle: bool = False):
     """A runtime for an nn.Module or an artifact path (an already opened runtime is returned as is)."""
     if hasattr(model, "logits") and not isinstance(model, nn.Module):
         return model
     if isinstance(model, nn.Module):
         size = sum(t.numel() * t.element_size() for t in ckpt.checkpoint_state(model).values())
         return TorchRuntime(model, size_bytes=size)
-    return open_runtime(model, runtime)
+    return open_runtime(model, runtime, allow_pickle)
 
 
 def _tokenizer_for(tokenizer, *runtimes):
@@ -323,10 +325,12 @@ def eval_report(
     task: str | Path | None = None,
     latency: bool | dict = False,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> dict:
     """Everything `squeeze eval` reports, as one flat dict with the keys of EVAL_JSON_KEYS.
 
-    The artifact is opened once; ``latency`` is True or the settings of measure_speed.
+    The artifact is opened once; ``latency`` is True or the settings of measure_speed; ``allow_pickle``
+    lets pickle-only model directories load (with torch.load(weights_only=True)).
     """
     from squeeze.eval.device import describe_device
     from squeeze.eval.tasks import load_multiple_choice
@@ -335,17 +339,17 @@ def eval_report(
     if Path(data).suffix.lower() != ".npz":  # classifier inputs are .npz arrays, everything else is text
         read_text(data)
     out = dict.fromkeys(EVAL_JSON_KEYS)
-    rt = _open(model, runtime)
+    rt = _open(model, runtime, allow_pickle)
+    ref_rt = _open(reference, allow_pickle=allow_pickle) if reference is not None else None
     if getattr(rt, "kind", None) == "module":  # a plain-module graph: a classifier on .npz inputs
         from squeeze.eval.classify import evaluate_classifier
 
-        ref_rt = _open(reference) if reference is not None else None
         out.update(evaluate_classifier(rt, ref_rt, data).to_dict(), runtime=rt.name)
     elif is_encoder(rt):
-        out.update(evaluate_encoder(rt, data, reference, tokenizer=tokenizer).to_dict())
+        out.update(evaluate_encoder(rt, data, ref_rt, tokenizer=tokenizer).to_dict())
         out.update(runtime=rt.name)
     else:
-        out.update(evaluate(rt, data, reference=reference, ctx=ctx, tokenizer=tokenizer, progress=progress).to_dict())
+        out.update(evaluate(rt, data, reference=ref_rt, ctx=ctx, tokenizer=tokenizer, progress=progress).to_dict())
     if task is not None:
         if tokenizer is None and rt.tokenizer is None and reference is not None:
             tokenizer = source_tokenizer(Path(reference))

@@ -102,9 +102,12 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe (overrides method/scheme flags).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Load pickle weights (.bin/.pt) when a model directory has no safetensors (torch.load with "
+                   "weights_only=True); refused without it, since unpickling can run code.")
 def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
              ignore, calib, nsamples, seqlen, seed, damp, block_size, act_order, static_groups, token_cap, weighted_fit,
-             shrink, float_target, alpha, dtype, recipe, overwrite) -> None:
+             shrink, float_target, alpha, dtype, recipe, overwrite, allow_pickle) -> None:
     """Quantize MODEL (a Hugging Face model directory or a GGUF file) into a checkpoint at OUTPUT."""
     from squeeze import api
     from squeeze.calib import SELF, CalibConfig
@@ -115,7 +118,7 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
 
     from squeeze.sources import validate_source
 
-    validate_source(model)
+    validate_source(model, allow_pickle)
     check_output_path(output, overwrite, inputs=(model, recipe, None if calib in (None, SELF) else calib))
     default_bits, default_granularity, default_act = METHOD_SCHEME_DEFAULTS.get(method, (4, "group", "none"))
     bits = default_bits if bits is None else bits
@@ -141,7 +144,7 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
         entry = get_pass(method)
         config = entry.config_cls(scheme=qscheme, targets=tuple(targets) or None, ignore=tuple(ignore), **options)
     calib_config = CalibConfig(calib, nsamples, seqlen, seed)
-    out = api.quantize_dir(model, output, config, calib_config, dtype, overwrite)
+    out = api.quantize_dir(model, output, config, calib_config, dtype, overwrite, allow_pickle)
     click.echo(f"wrote {out}", err=True)
 
 
@@ -158,7 +161,10 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
               help="Multiple-choice JSONL ({context, choices, label} per line): adds task accuracy.")
 @click.option("--latency", is_flag=True, help="Also measure forward latency, prefill/decode tokens/s and peak memory.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_json) -> None:
+@click.option("--allow-pickle", is_flag=True,
+              help="Load pickle weights (.bin/.pt) when a model directory has no safetensors (torch.load with "
+                   "weights_only=True); refused without it, since unpickling can run code.")
+def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_json, allow_pickle) -> None:
     """Perplexity of MODEL (a model directory or an exported file) on --data, and KLD / top-1 vs --reference."""
     from squeeze import api
     from squeeze.eval.report import text_table
@@ -171,12 +177,12 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
     if task is not None and not task.is_file():
         raise SqueezeError(f"task file {str(task)!r} " + ("is not a file" if task.exists() else "does not exist"))
     if reference is not None:
-        validate_source(reference)
+        validate_source(reference, allow_pickle)
     if ctx is not None and ctx < 2:
         raise SqueezeError(f"--ctx must be at least 2, got {ctx}")
-    tok = source_tokenizer(validate_source(tokenizer)) if tokenizer is not None else None
+    tok = source_tokenizer(validate_source(tokenizer, allow_pickle=True)) if tokenizer is not None else None  # no weights read
     result = api.eval_report(model, data, reference=reference, ctx=ctx, tokenizer=tok, runtime=runtime, task=task,
-                             latency=latency, progress=not as_json)
+                             latency=latency, progress=not as_json, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -30,7 +30,7 @@ def tensor_group(key: str, quantized_prefixes: set[str]) -> str:
 
 
 def describe(path: str | Path) -> dict:
-    p = validate_model_dir(path)
+    p = validate_model_dir(path, allow_pickle=True)  # only safetensors headers are read: nothing is unpickled
     config = json.loads((p / "config.json").read_text())
     shapes: dict[str, tuple[str, list[int]]] = {}
     for f in weight_files(p):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -34,6 +35,7 @@ BLOCK_PATHS: dict[str, str] = {
 }
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")  # torch.save files: unpickling them can run code
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -119,8 +121,9 @@ def weight_files(path: Path) -> list[Path]:
     return safetensors or files
 
 
-def validate_model_dir(path: str | Path) -> Path:
-    """Check that ``path`` is a model directory with config.json and weights."""
+def validate_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
+    """Check that ``path`` is a model directory with config.json and weights (safetensors; pickle weights
+    only with ``allow_pickle``)."""
     p = Path(path)
     if not p.exists():
         raise SqueezeError(f"model path {str(p)!r} does not exist")
@@ -137,6 +140,11 @@ def validate_model_dir(path: str | Path) -> Path:
     files = weight_files(p)
     if not files:
         raise SqueezeError(f"{str(p)!r} has no weight files (*.safetensors or *.bin)")
+    pickles = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
+    if pickles and not allow_pickle:
+        raise SqueezeError(f"{str(p)!r} holds pickle weights ({', '.join(pickles[:3])}), which can run code when "
+                           "loaded; convert them to safetensors, or pass --allow-pickle (quantize, eval) to load them "
+                           "with torch.load(weights_only=True)")
     for f in files:
         if f.suffix == ".safetensors":
             check_safetensors(f)
@@ -240,12 +248,15 @@ def load_pretrained(path: Path, dtype: torch.dtype | None = None) -> nn.Module:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, KeyError, OSError) as e:
         raise SqueezeError(f"cannot read {str(path / 'config.json')!r}: {str(e).splitlines()[0]}") from None
-    kwargs = {"local_files_only": True}
+    kwargs = {"local_files_only": True, "weights_only": True}  # never trust_remote_code
     if dtype is not None:
         kwargs["dtype"] = dtype
     auto = auto_class_for(config)
     try:
         model = auto.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError:  # weights_only=True met something that is not plain tensors
+        raise SqueezeError(f"{str(path)!r} holds a pickle that is not plain weights (it would run code or build "
+                           "objects); squeeze will not load it even with --allow-pickle") from None
     except (OSError, ValueError, RuntimeError) as e:
         raise SqueezeError(f"cannot load model weights from {str(path)!r}: {str(e).splitlines()[0]}") from None
     return model.eval()

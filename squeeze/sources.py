@@ -69,9 +69,10 @@ def validate_gguf(path: str | Path) -> Path:
     return p
 
 
-def validate_source(path: str | Path) -> Path:
-    """A model squeeze can read: a Hugging Face model directory or a GGUF file."""
-    return validate_gguf(path) if is_gguf(path) else validate_model_dir(path)
+def validate_source(path: str | Path, allow_pickle: bool = False) -> Path:
+    """A model squeeze can read: a Hugging Face model directory (pickle weights only with ``allow_pickle``)
+    or a GGUF file."""
+    return validate_gguf(path) if is_gguf(path) else validate_model_dir(path, allow_pickle)
 
 
 def _quiet_transformers():

@@ -46,6 +46,29 @@ def _with_tensor(src: Path, out: Path, key: str, value: float) -> Path:
     return out
 
 
+class _RunsCode:
+    """Unpickling this runs code: it creates the file named in ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _pickle_dirs(root: Path) -> None:
+    """pickled: the bundled weights as pytorch_model.bin; runs_code: a .bin that would create root/PWNED."""
+    import torch
+    from safetensors.torch import load_file
+
+    for name in ("pickled", "runs_code"):
+        (root / name).mkdir()
+        for f in ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+            shutil.copy(DEFAULT_MODEL / f, root / name / f)
+    torch.save(load_file(str(DEFAULT_MODEL / "model.safetensors")), root / "pickled" / "pytorch_model.bin")
+    torch.save({"model.embed_tokens.weight": _RunsCode(root / "PWNED")}, root / "runs_code" / "pytorch_model.bin")
+
+
 @pytest.fixture(scope="module")
 def corpus_root(tmp_path_factory) -> Path:
     """Broken inputs built once (every case names the ones it uses), beside a good checkpoint and exports."""
@@ -83,6 +106,8 @@ def corpus_root(tmp_path_factory) -> Path:
     (root / "text.gguf").write_text("hello")
     (root / "garbage.onnx").write_bytes(b"\x08\x07garbage" * 10)
     (root / "empty.onnx").write_bytes(b"")
+
+    _pickle_dirs(root)
 
     texts = {"seven.txt": "Once upon a time", "empty.txt": "", "blank.txt": "  \n\n ",
              "bad.jsonl": '{"text": "a"}\n{oops\n', "notext.jsonl": '{"content": "a"}\n', "empty.jsonl": "\n",
@@ -124,6 +149,13 @@ CASES: dict[str, tuple[tuple[str, ...], str]] = {
     "export onnx truncated safetensors": (("export", "{root}/truncated", "--to", "onnx", "-o", "m.onnx"), "truncated/model.safetensors"),
     "inspect truncated safetensors": (("inspect", "{root}/truncated"), "truncated/model.safetensors"),
     "inspect config garbled": (("inspect", "{root}/config_garbled"), "config_garbled/config.json"),
+    # pickle weights (the runs_code case would create {root}/PWNED, which the tree check would see)
+    "quantize pickle weights": (("quantize", "{root}/pickled", "-o", "q"), "--allow-pickle"),
+    "eval pickle weights": (("eval", "{root}/pickled", "--data", "{text}"), "--allow-pickle"),
+    "eval pickle reference": (E + ("--reference", "{root}/pickled"), "--allow-pickle"),
+    "export pickle weights": (("export", "{root}/pickled", "--to", "gguf", "-o", "m.gguf"), "pickled"),
+    "quantize code-running pickle with --allow-pickle": (("quantize", "{root}/runs_code", "-o", "q", "--allow-pickle"), "runs_code"),
+    "eval code-running pickle with --allow-pickle": (("eval", "{root}/runs_code", "--data", "{text}", "--allow-pickle"), "runs_code"),
     # corrupt checkpoint records
     "eval squeeze.json garbled": (("eval", "{root}/meta_garbled", "--data", "{text}"), "meta_garbled/squeeze.json"),
     "eval squeeze.json a list": (("eval", "{root}/meta_list", "--data", "{text}"), "meta_list/squeeze.json"),
@@ -315,3 +347,13 @@ def test_bench_exits_1_on_a_failed_cell_unless_keep_going(tmp_path, capfd, monke
     rc, out, err = run_cli(capfd, *args, "--keep-going")
     assert rc == 0 and "warning: 1 of 3 bench cells failed (ran 3)" in err
     assert [r["method"] for r in rows()] == ["float", "nosuch", "rtn"] and "error" not in rows()[2]
+
+
+def test_allow_pickle_loads_plain_weights_as_safetensors_would(corpus_root, tmp_path, capfd):
+    from safetensors.torch import load_file
+
+    assert run_cli(capfd, "quantize", corpus_root / "pickled", "-o", tmp_path / "p", "--allow-pickle")[0] == 0
+    assert run_cli(capfd, "quantize", DEFAULT_MODEL, "-o", tmp_path / "s")[0] == 0
+    a, b = load_file(str(tmp_path / "p" / "model.safetensors")), load_file(str(tmp_path / "s" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    assert not (corpus_root / "PWNED").exists()

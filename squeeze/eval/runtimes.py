@@ -31,14 +31,14 @@ class TorchRuntime:
         self.max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
     @classmethod
-    def from_path(cls, path: Path) -> "TorchRuntime":
+    def from_path(cls, path: Path, allow_pickle: bool = False) -> "TorchRuntime":
         """A model directory, or a GGUF file dequantized to a float model (``--runtime torch``)."""
         from squeeze.api import load
         from squeeze.sources import source_size, source_tokenizer, validate_source
 
-        path = validate_source(path)
+        path = validate_source(path, allow_pickle)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(load(path), device, tokenizer=source_tokenizer(path), size_bytes=source_size(path))
+        return cls(load(path, allow_pickle=allow_pickle), device, tokenizer=source_tokenizer(path), size_bytes=source_size(path))
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -84,8 +84,8 @@ def runtime_for(path: Path) -> str:
     raise SqueezeError(f"cannot tell which runtime runs {str(path)!r}: expected a model directory or a file ending in {known}")
 
 
-def open_runtime(path: str | Path, runtime: str | None = None):
-    """A runtime for the artifact at ``path`` (``runtime`` forces one by name)."""
+def open_runtime(path: str | Path, runtime: str | None = None, allow_pickle: bool = False):
+    """A runtime for the artifact at ``path`` (``runtime`` forces one by name; ``allow_pickle``: see squeeze.load)."""
     p = Path(path)
     if not p.exists():
         raise SqueezeError(f"model path {str(p)!r} does not exist")
@@ -93,4 +93,5 @@ def open_runtime(path: str | Path, runtime: str | None = None):
     if name not in RUNTIMES:
         raise SqueezeError(f"unknown runtime {name!r}; known runtimes: {', '.join(sorted(RUNTIMES))}")
     module, cls = RUNTIMES[name]
-    return getattr(importlib.import_module(module), cls).from_path(p)
+    runtime_cls = getattr(importlib.import_module(module), cls)
+    return runtime_cls.from_path(p, allow_pickle) if name == "torch" else runtime_cls.from_path(p)
