@@ -84,7 +84,7 @@ def _load_unchecked(path: str | Path, dtype: str | None, allow_pickle: bool) -> 
     except (SqueezeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise SqueezeError(f"{str(p / 'config.json')!r}: quantization_config: {e}") from None
     layer_schemes = ckpt.read_layer_schemes(p)
-    hf_config = AutoConfig.from_pretrained(p, local_files_only=True)
+    hf_config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=False)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     torch_dtype = _resolve_dtype(dtype) or getattr(hf_config, "dtype", None) or torch.float32

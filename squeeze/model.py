@@ -245,10 +245,10 @@ def load_pretrained(path: Path, dtype: torch.dtype | None = None) -> nn.Module:
 
     hf_logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as e:
         raise SqueezeError(f"cannot read {str(path / 'config.json')!r}: {str(e).splitlines()[0]}") from None
-    kwargs = {"local_files_only": True, "weights_only": True}  # never trust_remote_code
+    kwargs = {"local_files_only": True, "weights_only": True, "trust_remote_code": False}  # no code from the model
     if dtype is not None:
         kwargs["dtype"] = dtype
     auto = auto_class_for(config)
@@ -269,6 +269,6 @@ def load_tokenizer(path: Path):
     if not any((path / f).exists() for f in TOKENIZER_FILES[:7]):
         return None
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise SqueezeError(f"cannot load the tokenizer in {str(path)!r}: {str(e).splitlines()[0]}") from None

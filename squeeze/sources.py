@@ -91,9 +91,9 @@ def load_gguf_model(path: Path, dtype: torch.dtype | None = None) -> nn.Module:
     path = validate_gguf(path)
     _quiet_transformers()
     try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-        model = auto_class_for(config).from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
-                                                       dtype=dtype or torch.float32)
+        kwargs = {"gguf_file": path.name, "local_files_only": True, "trust_remote_code": False}
+        config = AutoConfig.from_pretrained(path.parent, **kwargs)
+        model = auto_class_for(config).from_pretrained(path.parent, dtype=dtype or torch.float32, **kwargs)
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise SqueezeError(f"transformers could not read {str(path)!r}: {str(e).splitlines()[0]}") from None
     # The weights are now plain float tensors: drop transformers' record of the GGUF quantization so the
@@ -114,7 +114,8 @@ def load_gguf_tokenizer(path: Path):
 
     _quiet_transformers()
     try:
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                             trust_remote_code=False)
     except (ValueError, KeyError, OSError) as e:
         raise SqueezeError(f"cannot read the tokenizer of {str(path)!r}: {str(e).splitlines()[0]}") from None
 

@@ -108,6 +108,11 @@ def corpus_root(tmp_path_factory) -> Path:
     (root / "empty.onnx").write_bytes(b"")
 
     _pickle_dirs(root)
+    remote = copy_model(root, "remote_code")  # config.json asks for code shipped beside it
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"})
+    (remote / "config.json").write_text(json.dumps(config))
+    (remote / "evil.py").write_text(f"from pathlib import Path\nPath({str(root / 'PWNED')!r}).touch()\n")
 
     texts = {"seven.txt": "Once upon a time", "empty.txt": "", "blank.txt": "  \n\n ",
              "bad.jsonl": '{"text": "a"}\n{oops\n', "notext.jsonl": '{"content": "a"}\n', "empty.jsonl": "\n",
@@ -156,6 +161,9 @@ CASES: dict[str, tuple[tuple[str, ...], str]] = {
     "export pickle weights": (("export", "{root}/pickled", "--to", "gguf", "-o", "m.gguf"), "pickled"),
     "quantize code-running pickle with --allow-pickle": (("quantize", "{root}/runs_code", "-o", "q", "--allow-pickle"), "runs_code"),
     "eval code-running pickle with --allow-pickle": (("eval", "{root}/runs_code", "--data", "{text}", "--allow-pickle"), "runs_code"),
+    "quantize remote code": (("quantize", "{root}/remote_code", "-o", "q"), "remote_code"),
+    "eval remote code": (("eval", "{root}/remote_code", "--data", "{text}"), "remote_code"),
+    "export onnx remote code": (("export", "{root}/remote_code", "--to", "onnx", "-o", "m.onnx"), "remote_code"),
     # corrupt checkpoint records
     "eval squeeze.json garbled": (("eval", "{root}/meta_garbled", "--data", "{text}"), "meta_garbled/squeeze.json"),
     "eval squeeze.json a list": (("eval", "{root}/meta_list", "--data", "{text}"), "meta_list/squeeze.json"),

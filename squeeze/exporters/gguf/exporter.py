@@ -54,7 +54,7 @@ def _hf_config(model_dir: Path):
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as e:
         raise SqueezeError(f"cannot read {str(model_dir / 'config.json')!r}: {str(e).splitlines()[0]}") from None
     return cfg

@@ -53,7 +53,7 @@ def reference_model(model_dir: Path, weights: dict[str, torch.Tensor]) -> nn.Mod
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     with no_init_weights():
