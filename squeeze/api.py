@@ -24,8 +24,8 @@ from squeeze.exporters import OUTPUT_SUFFIXES, Artifact, get_exporter
 from squeeze.eval.evaluate import EvalResult, choose_context, evaluate_tokens
 from squeeze.eval.runtimes import TorchRuntime, open_runtime
 from squeeze.fsutil import atomic_output_dir, check_output_path
-from squeeze.model import (auto_class_for, check_finite_files, load_pretrained, nonfinite_tensors, refuse_nonfinite,
-                           validate_model_dir)
+from squeeze.model import (LOAD_ERRORS, auto_class_for, check_finite_files, load_hf_config, load_pretrained,
+                           nonfinite_tensors, refuse_nonfinite, validate_model_dir)
 from squeeze.modules import QuantLinear
 from squeeze.recipe import Recipe
 from squeeze.registry import pass_for_config
@@ -76,7 +76,6 @@ def _load_unchecked(path: str | Path, dtype: str | None, allow_pickle: bool) -> 
     config = json.loads((p / "config.json").read_text())
     if "quantization_config" not in config:
         return load_pretrained(p, _resolve_dtype(dtype))
-    from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
     try:
@@ -84,15 +83,17 @@ def _load_unchecked(path: str | Path, dtype: str | None, allow_pickle: bool) -> 
     except (SqueezeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise SqueezeError(f"{str(p / 'config.json')!r}: quantization_config: {e}") from None
     layer_schemes = ckpt.read_layer_schemes(p)
-    hf_config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=False)
+    hf_config = load_hf_config(p)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     torch_dtype = _resolve_dtype(dtype) or getattr(hf_config, "dtype", None) or torch.float32
-    if isinstance(torch_dtype, str):
-        torch_dtype = DTYPES.get(torch_dtype, torch.float32)
-    auto = auto_class_for(hf_config)
-    with no_init_weights():
-        model = auto.from_config(hf_config, dtype=torch_dtype)
+    if not isinstance(torch_dtype, torch.dtype):
+        torch_dtype = DTYPES.get(str(torch_dtype), torch.float32)
+    try:
+        with no_init_weights():
+            model = auto_class_for(hf_config).from_config(hf_config, dtype=torch_dtype)
+    except LOAD_ERRORS as e:
+        raise SqueezeError(f"cannot build the model {str(p / 'config.json')!r} describes: {e}") from None
     return ckpt.load_into(model, p, scheme, layer_schemes)
 
 

@@ -238,27 +238,42 @@ def auto_class_for(config):
     return AutoModelForCausalLM
 
 
+# What transformers raises for a config.json or weights it cannot use (a garbled field can surface as any of them).
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, AttributeError, TypeError)
+
+
+def load_hf_config(path: Path):
+    """The directory's transformers config; an unusable config.json is one error naming it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except LOAD_ERRORS as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SqueezeError(f"cannot read {str(path / 'config.json')!r}: {reason}") from None
+
+
 def load_pretrained(path: Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a float Hugging Face model directory (causal LM, else a base model)."""
-    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as e:
-        raise SqueezeError(f"cannot read {str(path / 'config.json')!r}: {str(e).splitlines()[0]}") from None
+    config = load_hf_config(path)
     kwargs = {"local_files_only": True, "weights_only": True, "trust_remote_code": False}  # no code from the model
     if dtype is not None:
         kwargs["dtype"] = dtype
     auto = auto_class_for(config)
     try:
-        model = auto.from_pretrained(path, **kwargs)
+        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except pickle.UnpicklingError:  # weights_only=True met something that is not plain tensors
         raise SqueezeError(f"{str(path)!r} holds a pickle that is not plain weights (it would run code or build "
                            "objects); squeeze will not load it even with --allow-pickle") from None
-    except (OSError, ValueError, RuntimeError) as e:
+    except LOAD_ERRORS as e:
         raise SqueezeError(f"cannot load model weights from {str(path)!r}: {str(e).splitlines()[0]}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would fill them with random values
+        raise SqueezeError(f"the weights in {str(path)!r} lack {len(missing)} tensor(s) its config.json needs "
+                           f"({', '.join(missing[:3])}); the files are incomplete or corrupt")
     return model.eval()
 
 

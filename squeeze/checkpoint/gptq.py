@@ -211,6 +211,14 @@ def _quant_layer_from_state(state: dict, prefix: str, scheme: QuantScheme, in_f:
 
 def load_into(model: nn.Module, path: Path, scheme: QuantScheme, layer_schemes: dict[str, QuantScheme]) -> nn.Module:
     """Replace ``model``'s quantized layers with QuantLinears and load all weights from ``path``."""
+    try:
+        return _load_into(model, path, scheme, layer_schemes)
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:  # tensors missing, misnamed or misshapen
+        raise SqueezeError(f"checkpoint {str(path)!r} is inconsistent ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); re-create it") from None
+
+
+def _load_into(model: nn.Module, path: Path, scheme: QuantScheme, layer_schemes: dict[str, QuantScheme]) -> nn.Module:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise SqueezeError(f"{str(path)!r} has no .safetensors weights")
