@@ -365,3 +365,32 @@ def test_allow_pickle_loads_plain_weights_as_safetensors_would(corpus_root, tmp_
     a, b = load_file(str(tmp_path / "p" / "model.safetensors")), load_file(str(tmp_path / "s" / "model.safetensors"))
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
     assert not (corpus_root / "PWNED").exists()
+
+
+@pytest.mark.parametrize("command", ["quantize", "export"])
+def test_read_only_output_directory(tmp_path, capfd, monkeypatch, command):
+    """Root writes through mode bits, so the read-only filesystem is simulated twice: the up-front check
+    (os.access says no) and the write itself failing with EROFS; both are one line naming the output."""
+    import errno
+    import os
+
+    from squeeze import fsutil
+
+    target = tmp_path / ("q" if command == "quantize" else "m.gguf")
+    argv = (("quantize", DEFAULT_MODEL, "-o", target) if command == "quantize"
+            else ("export", DEFAULT_MODEL, "--to", "gguf", "-o", target, "--no-verify"))
+    real_access = os.access
+    with monkeypatch.context() as m:
+        m.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+        rc, _, err = run_cli(capfd, *argv)
+    assert rc == 2 and error_lines(err) == [f"error: output directory {str(tmp_path)!r} is not writable"], err
+
+    def read_only(parent, *args):
+        raise OSError(errno.EROFS, "Read-only file system", str(parent))
+
+    monkeypatch.setattr(fsutil, "_new_temp_dir", read_only)
+    monkeypatch.setattr(fsutil, "_new_temp_file", read_only)
+    rc, _, err = run_cli(capfd, *argv)
+    assert rc == 2 and len(error_lines(err)) == 1 and "Traceback" not in err, err
+    assert error_lines(err)[0].startswith(f"error: cannot write output {str(target)!r}: Read-only file system")
+    assert list(tmp_path.iterdir()) == []
