@@ -1,16 +1,35 @@
-"""The README's two commands are the ones CI and users run."""
+"""The README's two commands are the ones CI and users run, and its examples are a program that runs."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+GPU_MARK = "NVIDIA GPU"  # lines that need one are left out where there is none
 
 
 def readme_commands() -> list[str]:
-    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    block = re.search(r"```bash\n(.*?)```", README, re.S).group(1)
     return [line for line in block.splitlines() if line.strip()]
+
+
+def readme_program() -> str:
+    """Every shell and Python block after the install block, in order, as one bash script (install lines and
+    GPU-only lines left out; Python blocks run through a here-document)."""
+    lines = ["set -euo pipefail"]
+    for lang, body in re.findall(r"```(bash|python)\n(.*?)```", README, re.S)[1:]:
+        if lang == "python":
+            lines += ["python - <<'PY'", body.rstrip(), "PY"]
+            continue
+        lines += [line for line in body.splitlines() if not line.startswith("pip install") and GPU_MARK not in line]
+    return "\n".join(lines) + "\n"
 
 
 def test_readme_starts_with_the_two_commands():
@@ -25,3 +44,34 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "sed -n 2p" in ci and 'eval "$test_command"' in ci
     assert '"$rc" -eq 5' in ci  # "no tests collected" is a failure
+
+
+def test_readme_program_leaves_out_only_installs_and_gpu_lines():
+    program = readme_program()
+    assert "pip install" not in program and "tensorrt" not in program
+    assert program.count("python - <<'PY'") == 1 and "squeeze bench" in program
+    blocks = "".join(body for _, body in re.findall(r"```(bash|python)\n(.*?)```", README, re.S))
+    assert blocks.count(GPU_MARK) == 3  # the three TensorRT exports
+
+
+@pytest.mark.slow  # about 5 minutes on 2 CPU cores: ~25 commands, each importing torch and transformers
+def test_readme_examples_run_in_order_in_a_fresh_directory(tmp_path):
+    """From a directory holding only the checkout's inputs (squeeze/, calibration/, bench/ linked), every
+    block runs, each file a later block uses was made by an earlier one, and the API block runs twice."""
+    for name in ("squeeze", "calibration", "bench"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    script = tmp_path / "readme.sh"
+    script.write_text(readme_program())
+    published = lambda: {str(p): p.stat().st_mtime_ns for p in (ROOT / "reports").rglob("*")}
+    reports_before = published()
+    r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for made in ("model-w4", "stories-q8_0.gguf", "from-gguf-w4", "my-reports/stories260K/report.json",
+                 "model-q4_k_m.gguf", "model-q4km", "model-q4km.gguf", "model-w8a8", "model-w8a8-azp", "model-w4g128",
+                 "model.onnx", "model-w4.onnx", "model-w8a8.onnx", "model-azp.onnx", "model-kv.onnx", "api-w4"):
+        assert (tmp_path / made).exists(), made
+    assert published() == reports_before  # the published reports are untouched
+    api_block = re.findall(r"```python\n(.*?)```", README, re.S)[0]
+    again = subprocess.run([sys.executable, "-c", api_block], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
