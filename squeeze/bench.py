@@ -149,9 +149,14 @@ def run_bench(config: BenchConfig, cache: Path, progress: bool = True, keep_goin
     """All rows of the grid: the float model (method "float" in the config exports it to every format,
     else it is measured in torch only), then every method x format cell. A failed cell is a row with an
     "error"; without ``keep_going`` the grid stops there."""
+    from squeeze.calib import read_text
+    from squeeze.eval.tasks import load_multiple_choice
     from squeeze.model import directory_hash, validate_model_dir
 
     model_hash = directory_hash(validate_model_dir(config.model))
+    read_text(config.data)  # the inputs every cell reads fail once, here, not as one error per cell
+    if config.task is not None:
+        load_multiple_choice(config.task)
     cells = grid_cells(config)
     inputs = [model_hash, _file_digest(config.data), _file_digest(config.task), config.ctx, config.latency, __version__]
     rows = []

@@ -243,6 +243,11 @@ CASES: dict[str, tuple[tuple[str, ...], str]] = {
     "bench config a list": (("bench", "{root}/bench_list.yaml"), "bench_list.yaml"),
     "bench config missing": (("bench", "{root}/nope.yaml"), "nope.yaml"),
     "bench no config no model": (("bench",), "--model"),
+    "bench data missing": (("bench", "--model", "{model}", "--data", "{root}/nope.txt"), "nope.txt"),
+    "bench data latin-1": (("bench", "--model", "{model}", "--data", "{root}/latin1.txt"), "latin1.txt"),
+    "bench task bad": (("bench", "--model", "{model}", "--data", "{text}", "--task", "{root}/task_bad_json.jsonl"),
+                       "task_bad_json.jsonl:1"),
+    "bench model truncated": (("bench", "--model", "{root}/truncated", "--data", "{text}"), "truncated/model.safetensors"),
     # outputs that would destroy something
     "quantize onto its input": (("quantize", "{root}/ckpt", "-o", "{root}/ckpt", "--overwrite"), "ckpt"),
     "quantize into its input": (("quantize", "{root}/ckpt", "-o", "{root}/ckpt/sub"), "ckpt/sub"),

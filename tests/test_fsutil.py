@@ -154,3 +154,18 @@ def test_scratch_dir_is_removed(tmp_path):
         (tmp / "x").write_text("x")
         assert tmp.name.startswith(".m.dequantized.scratch-")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_real_checkpoint_gets_umask_modes(stories_dir, tmp_path):
+    """safetensors writes its file 0o600 and mkdtemp made directories 0o700: the checkpoint has neither."""
+    from squeeze import RTN, api, get_scheme
+
+    old = os.umask(0o022)
+    try:
+        out = api.quantize_dir(stories_dir, tmp_path / "ckpt", RTN(scheme=get_scheme("w8")))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == dict.fromkeys(
+        ["config.json", "model.safetensors", "squeeze.json", "tokenizer.json", "tokenizer.model",
+         "tokenizer_config.json"], 0o644)
