@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,33 @@ def test_readme_program_leaves_out_only_installs_and_gpu_lines():
     assert program.count("python - <<'PY'") == 1 and "squeeze bench" in program
     blocks = "".join(body for _, body in re.findall(r"```(bash|python)\n(.*?)```", README, re.S))
     assert blocks.count(GPU_MARK) == 3  # the three TensorRT exports
+
+
+def test_readme_commands_parse_and_connect():
+    """Every `squeeze` line of the program parses with the real click commands, and every file or directory
+    it reads is in the checkout or was written by an earlier line (fast; the slow test below runs them)."""
+    from squeeze.cli import cli
+
+    variables, made, outputs = {}, set(), []
+    for line in readme_program().splitlines():
+        if m := re.match(r"(\w+)=(\S+)", line):
+            variables[m[1]] = m[2]
+            continue
+        if not line.startswith("squeeze "):
+            continue
+        args = [variables.get(a[1:], a) if a.startswith("$") else a for a in shlex.split(line, comments=True)[1:]]
+        with cli.commands[args[0]].make_context(args[0], args[1:]) as ctx:
+            params = ctx.params
+        for key in ("model", "path", "config", "reference", "data", "task", "tokenizer", "recipe", "calib"):
+            value = params.get(key)
+            if value is not None and value != "self":
+                assert str(value) in made or (ROOT / str(value)).exists(), f"{line!r}: {value} is made by no earlier line"
+        for key in ("output", "reports"):
+            if params.get(key) is not None:
+                made.add(str(params[key]))
+                outputs.append(str(params[key]))
+    assert {"model-w4", "model-w8a8", "model-w8a8-azp", "model-w4g128", "model-q4km"} <= made
+    assert len(outputs) == len(made), "two lines write the same output"
 
 
 @pytest.mark.slow  # about 5 minutes on 2 CPU cores: ~25 commands, each importing torch and transformers
