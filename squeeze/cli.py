@@ -22,6 +22,11 @@ METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "awq": ("token_cap", "shrink"),
     "smoothquant": ("alpha",),
 }
+# quantize and eval: the one way to load pickle weights (see README, "What squeeze reads")
+ALLOW_PICKLE = click.option(
+    "--allow-pickle", is_flag=True,
+    help="Load pickle weights (.bin/.pt) when a model directory has no safetensors (torch.load with "
+         "weights_only=True); refused without it, since unpickling can run code.")
 # Scheme defaults per method when neither --scheme nor the flag is given: (bits, granularity, act).
 METHOD_SCHEME_DEFAULTS: dict[str, tuple[int, str, str]] = {"smoothquant": (8, "channel", "static")}
 
@@ -102,9 +107,7 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe (overrides method/scheme flags).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Load pickle weights (.bin/.pt) when a model directory has no safetensors (torch.load with "
-                   "weights_only=True); refused without it, since unpickling can run code.")
+@ALLOW_PICKLE
 def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
              ignore, calib, nsamples, seqlen, seed, damp, block_size, act_order, static_groups, token_cap, weighted_fit,
              shrink, float_target, alpha, dtype, recipe, overwrite, allow_pickle) -> None:
@@ -161,9 +164,7 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
               help="Multiple-choice JSONL ({context, choices, label} per line): adds task accuracy.")
 @click.option("--latency", is_flag=True, help="Also measure forward latency, prefill/decode tokens/s and peak memory.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Load pickle weights (.bin/.pt) when a model directory has no safetensors (torch.load with "
-                   "weights_only=True); refused without it, since unpickling can run code.")
+@ALLOW_PICKLE
 def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_json, allow_pickle) -> None:
     """Perplexity of MODEL (a model directory or an exported file) on --data, and KLD / top-1 vs --reference."""
     from squeeze import api

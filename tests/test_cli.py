@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -45,6 +46,13 @@ def _bad_input_cases(stories_dir, tmp_path):
     exists = tmp_path / "exists"
     exists.mkdir()
     out = tmp_path / "out"
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        (truncated / name).write_bytes((stories_dir / name).read_bytes())
+    (truncated / "model.safetensors").write_bytes((stories_dir / "model.safetensors").read_bytes()[:5000])
+    model = tmp_path / "model"
+    shutil.copytree(stories_dir, model)
     return {
         "missing directory": ("quantize", tmp_path / "nope", "-o", out),
         "no config.json": ("quantize", no_config, "-o", out),
@@ -60,6 +68,9 @@ def _bad_input_cases(stories_dir, tmp_path):
         "eval missing data": ("eval", stories_dir, "--data", tmp_path / "nope.txt"),
         "eval missing model": ("eval", tmp_path / "nope", "--data", stories_dir / "config.json"),
         "inspect missing": ("inspect", tmp_path / "nope"),
+        "truncated safetensors": ("quantize", truncated, "-o", out),
+        "export onto a directory": ("export", stories_dir, "--to", "gguf", "-o", tmp_path, "--overwrite"),
+        "quantize onto its input": ("quantize", model, "-o", model, "--overwrite"),
     }
 
 
@@ -67,7 +78,8 @@ def _bad_input_cases(stories_dir, tmp_path):
     "case",
     ["missing directory", "no config.json", "no weights", "unknown method", "bits too high", "bits too low",
      "group size zero", "group size negative", "output exists", "unknown scheme", "missing calib file",
-     "eval missing data", "eval missing model", "inspect missing"],
+     "eval missing data", "eval missing model", "inspect missing", "truncated safetensors", "export onto a directory",
+     "quantize onto its input"],
 )
 def test_bad_input_is_one_line_exit_2_no_output(stories_dir, tmp_path, case):
     args = _bad_input_cases(stories_dir, tmp_path)[case]
