@@ -19,7 +19,7 @@ METHODS = ("rtn", "gptq", "awq", "smoothquant")  # the registered passes the CLI
 METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "gptq": ("damp", "block_size", "act_order", "static_groups", "token_cap", "weighted_fit", "shrink",
              "float_target"),
-    "awq": ("token_cap", "shrink"),
+    "awq": ("token_cap", "shrink", "weighted_fit", "clip"),
     "smoothquant": ("alpha",),
 }
 # Scheme defaults per method when neither --scheme nor the flag is given: (bits, granularity, act).
@@ -91,7 +91,10 @@ def _method_options(method: str, given: dict) -> dict:
               help="gptq/awq: a calibration token counts with at most this many times the median token's input "
                    "energy (attention sinks); 0 counts every token as it is [100].")
 @click.option("--weighted-fit/--no-weighted-fit", default=None,
-              help="gptq: choose group scales by Hessian-diagonal-weighted error instead of min-max [on].")
+              help="gptq/awq: choose group scales by Hessian-diagonal-weighted error instead of min-max [on].")
+@click.option("--clip/--no-clip", default=None,
+              help="awq: search per-group clipping ranges on the output error (redundant with the weighted fit "
+                   "when --shrink is 1) [off].")
 @click.option("--shrink", type=float, default=None,
               help="gptq/awq: trust the calibration inputs' correlations only in part: the Hessian is shrunk "
                    "towards its diagonal by this fraction in [0, 1] (gptq: 1 is importance-weighted rounding "
@@ -104,7 +107,7 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
              ignore, calib, nsamples, seqlen, seed, damp, block_size, act_order, static_groups, token_cap, weighted_fit,
-             shrink, float_target, alpha, dtype, recipe, overwrite) -> None:
+             clip, shrink, float_target, alpha, dtype, recipe, overwrite) -> None:
     """Quantize MODEL (a Hugging Face model directory or a GGUF file) into a checkpoint at OUTPUT."""
     from squeeze import api
     from squeeze.calib import SELF, CalibConfig
@@ -128,7 +131,7 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
     if calib is not None and calib != SELF and not Path(calib).is_file():
         raise SqueezeError(f"calibration file {calib!r} does not exist (or pass --calib self)")
     options = _method_options(method, {"damp": damp, "block_size": block_size, "act_order": act_order,
-                                       "static_groups": static_groups, "alpha": alpha, "weighted_fit": weighted_fit,
+                                       "static_groups": static_groups, "alpha": alpha, "weighted_fit": weighted_fit, "clip": clip,
                                        "float_target": float_target, "shrink": shrink,
                                        "token_cap": None if token_cap is None else (token_cap or False)})
     if options.get("token_cap") is False:  # --token-cap 0: no cap
