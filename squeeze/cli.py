@@ -19,7 +19,7 @@ METHODS = ("rtn", "gptq", "awq", "smoothquant")  # the registered passes the CLI
 METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "gptq": ("damp", "block_size", "act_order", "static_groups", "token_cap", "weighted_fit", "shrink",
              "float_target"),
-    "awq": ("token_cap", "shrink"),
+    "awq": ("token_cap", "shrink", "weighted_fit", "clip"),
     "smoothquant": ("alpha",),
 }
 # quantize and eval: the one way to load pickle weights (see README, "What squeeze reads")
@@ -96,7 +96,10 @@ def _method_options(method: str, given: dict) -> dict:
               help="gptq/awq: a calibration token counts with at most this many times the median token's input "
                    "energy (attention sinks); 0 counts every token as it is [100].")
 @click.option("--weighted-fit/--no-weighted-fit", default=None,
-              help="gptq: choose group scales by Hessian-diagonal-weighted error instead of min-max [on].")
+              help="gptq/awq: choose group scales by Hessian-diagonal-weighted error instead of min-max [on].")
+@click.option("--clip/--no-clip", default=None,
+              help="awq: search per-group clipping ranges on the output error (redundant with the weighted fit "
+                   "when --shrink is 1) [off].")
 @click.option("--shrink", type=float, default=None,
               help="gptq/awq: trust the calibration inputs' correlations only in part: the Hessian is shrunk "
                    "towards its diagonal by this fraction in [0, 1] (gptq: 1 is importance-weighted rounding "
@@ -110,7 +113,7 @@ def _method_options(method: str, given: dict) -> dict:
 @ALLOW_PICKLE
 def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
              ignore, calib, nsamples, seqlen, seed, damp, block_size, act_order, static_groups, token_cap, weighted_fit,
-             shrink, float_target, alpha, dtype, recipe, overwrite, allow_pickle) -> None:
+             clip, shrink, float_target, alpha, dtype, recipe, overwrite, allow_pickle) -> None:
     """Quantize MODEL (a Hugging Face model directory or a GGUF file) into a checkpoint at OUTPUT."""
     from squeeze import api
     from squeeze.calib import SELF, CalibConfig
@@ -135,7 +138,7 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
         what = "is not a file" if Path(calib).exists() else "does not exist"
         raise SqueezeError(f"calibration file {calib!r} {what} (or pass --calib self)")
     options = _method_options(method, {"damp": damp, "block_size": block_size, "act_order": act_order,
-                                       "static_groups": static_groups, "alpha": alpha, "weighted_fit": weighted_fit,
+                                       "static_groups": static_groups, "alpha": alpha, "weighted_fit": weighted_fit, "clip": clip,
                                        "float_target": float_target, "shrink": shrink,
                                        "token_cap": None if token_cap is None else (token_cap or False)})
     if options.get("token_cap") is False:  # --token-cap 0: no cap

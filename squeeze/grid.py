@@ -106,8 +106,9 @@ class IntGrid:
         for r0 in range(0, w.shape[0], step):  # all ratios at once, a bounded number of rows at a time
             rows = slice(r0, r0 + step)
             s, z = qparams_from_range(wmin[rows] * ratios, wmax[rows] * ratios, self.scheme.bits, self.scheme.symmetric)
-            q = (torch.round(w[rows] / s.unsqueeze(2)) + z.unsqueeze(2)).clamp(0, self.scheme.maxq)
-            err = ((q - z.unsqueeze(2)) * s.unsqueeze(2) - w[rows]).pow(2).mul_(imp).sum(dim=2)  # [R, rows]
+            s3, z3 = s.unsqueeze(2), z.unsqueeze(2)
+            d = torch.div(w[rows], s3).round_().add_(z3).clamp_(0, self.scheme.maxq)  # codes, [R, rows, g]
+            err = d.sub_(z3).mul_(s3).sub_(w[rows]).square_().mul_(imp).sum(dim=2)  # [R, rows], in place
             pick = err.argmin(dim=0, keepdim=True)  # the first of equal errors: min-max wins ties
             scale[rows], zero[rows] = s.gather(0, pick)[0], z.gather(0, pick)[0]
         return IntParams(scale, zero)
@@ -133,14 +134,18 @@ def grid_for(scheme: QuantScheme) -> IntGrid:
     return IntGrid(scheme)
 
 
-def quantize_rtn(grid: WeightGrid, w: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor]:
-    """Round every block of ``w`` [rows, in] to its nearest grid point: (codes, params per block, values)."""
+def quantize_rtn(grid: WeightGrid, w: torch.Tensor, importance: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """Round every block of ``w`` [rows, in] to its nearest grid point: (codes, params per block, values).
+
+    ``importance`` [in] (a Hessian diagonal) is handed to each block's fit (`WeightGrid.fit`); None = plain fit.
+    """
     w = w.float()
     size = grid.block_size(w.shape[1])
     codes, values, params = torch.empty(w.shape, dtype=torch.uint8, device=w.device), torch.empty_like(w), []
     for start in range(0, w.shape[1], size):
         block = w[:, start : start + size]
-        p = grid.fit(block)
+        p = grid.fit(block, None if importance is None else importance[start : start + size])
         # A grid whose fit already rounds (a GGUF block quantizer) keeps its own codes, ties included.
         fitted = getattr(grid, "fitted", None)
         codes[:, start : start + size], values[:, start : start + size] = fitted(p) if fitted else grid.nearest(block, p, 0)

@@ -41,6 +41,11 @@ class AWQ:
     inputs' correlations only in part. Default 1 (the importance-weighted weight error, as llama.cpp's
     imatrix): on SmolLM2 calibrated on stories, scored on WikiText, w4g128 with 64 x 512 tokens, the full
     output error (0) recovers 2% of RTN's perplexity gap, the diagonal 12.5%.
+    ``weighted_fit``: every candidate's grid (and the final one) is fitted for the importance-weighted error
+    (`WeightGrid.fit` with the scaled layer's Hessian diagonal), so the identity candidate is llama.cpp-style
+    weighted rounding and each scale is judged on the grid it will really get: 12.5% -> 40% there.
+    ``clip`` (off by default): with the weighted fit and shrink 1 it repeats the fit's own range search on the
+    same objective (measured: 37.95 with it, 37.90 without).
     """
 
     scheme: QuantScheme | GGUFMix = field(default_factory=lambda: get_scheme("w4g128"))
@@ -48,10 +53,11 @@ class AWQ:
     ignore: tuple[str, ...] = ()
     n_grid: int = 20
     duo_scaling: bool = True
-    clip: bool = True
+    clip: bool = False
     max_shrink: float = 0.5
     token_cap: float | None = 100.0
     shrink: float = 1.0
+    weighted_fit: bool = True
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -68,8 +74,22 @@ class AWQ:
 
 
 def weighted_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Per-row output error tr over tokens of (X delta^T)^2, from H = X^T X: [rows]."""
+    """Per-row output error tr over tokens of (X delta^T)^2, from H = X^T X: [rows].
+
+    A 1-D ``hessian`` is a diagonal one (its diagonal alone): the importance-weighted squared error.
+    """
+    if hessian.dim() == 1:
+        return delta.square() @ hessian
     return torch.einsum("ok,kl,ol->o", delta, hessian, delta)
+
+
+def scoring_hessian(hessian: torch.Tensor, shrink: float) -> torch.Tensor:
+    """What the searches score on: `shrink_to_diagonal` (H, shrink), kept as a vector when it is diagonal."""
+    return torch.diagonal(hessian) if shrink == 1.0 else shrink_to_diagonal(hessian, shrink)
+
+
+def _diagonal(hessian: torch.Tensor) -> torch.Tensor:
+    return hessian if hessian.dim() == 1 else torch.diagonal(hessian)
 
 
 def weight_mean(weights: list[torch.Tensor], group: int) -> torch.Tensor:
@@ -94,34 +114,44 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int, du
         yield s / (s.max() * s.min()).sqrt()
 
 
+def _scaled_loss(weights, hessians, grids, s: torch.Tensor, weighted_fit: bool) -> float:
+    loss = 0.0
+    for w, h, grid in zip(weights, hessians, grids):
+        # the scaled layer sees x / s: its importance is diag(H) / s^2
+        importance = _diagonal(h) / s.square() if weighted_fit else None
+        q = quantize_rtn(grid, w * s, importance)[2] / s
+        loss += float(weighted_error(q - w, h).sum())
+    return loss
+
+
 def search_scales(weights, hessians, x_mean, grids: list[WeightGrid], config: AWQ) -> tuple[torch.Tensor, float]:
     """The input-channel scales minimising the summed output error of ``weights`` (all fed the same input;
     each rounded on its own grid, as a GGUF mix may give q/k and v different types)."""
     w_mean = weight_mean(weights, grids[0].block_size(weights[0].shape[1]))
     best, best_loss = None, float("inf")
     for s in candidate_scales(x_mean, w_mean, config.n_grid, config.duo_scaling):
-        loss = 0.0
-        for w, h, grid in zip(weights, hessians, grids):
-            q = quantize_rtn(grid, w * s)[2] / s
-            loss += float(weighted_error(q - w, h).sum())
-        if loss < best_loss:
+        loss = _scaled_loss(weights, hessians, grids, s, config.weighted_fit)
+        if loss < best_loss:  # the first of equal losses: identity wins ties
             best, best_loss = s, loss
     return best, best_loss
 
 
-def search_clip(w: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid, max_shrink: float, n_grid: int) -> torch.Tensor:
-    """``w`` with each (row, group) range shrunk by the ratio in [1 - max_shrink, 1] that minimises output error."""
+def search_clip(w: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid, max_shrink: float, n_grid: int,
+                weighted_fit: bool = False) -> torch.Tensor:
+    """``w`` with each (row, group) range shrunk by the ratio in [1 - max_shrink, 1] that minimises output error
+    (each candidate's grid fitted with the Hessian diagonal as importance when ``weighted_fit``)."""
     size = grid.block_size(w.shape[1])
     ratios = [1 - i / n_grid for i in range(int(max_shrink * n_grid))] or [1.0]
     out = w.clone()
     for start in range(0, w.shape[1], size):
         wg = w[:, start : start + size]
-        hg = hessian[start : start + size, start : start + size]
+        hg = hessian[start : start + size] if hessian.dim() == 1 else hessian[start : start + size, start : start + size]
+        importance = _diagonal(hg) if weighted_fit else None
         lo, hi = wg.amin(dim=1, keepdim=True), wg.amax(dim=1, keepdim=True)
         best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
         for r in ratios:
             clipped = torch.maximum(torch.minimum(wg, hi * r), lo * r)
-            _, q = grid.nearest(clipped, grid.fit(clipped), 0)
+            _, q = grid.nearest(clipped, grid.fit(clipped, importance), 0)
             err = weighted_error(q - wg, hg)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -160,7 +190,7 @@ def _process_block(model: nn.Module, config: AWQ, mappings, schemes: dict[str, Q
             prev, full = found
             weights = [linear_weight(layers[n]).detach().float() for n in full]
             x_mean = abs_sum[full[0]] / max(count[full[0]], 1)
-            searched = [shrink_to_diagonal(hessian[n], config.shrink) for n in full]
+            searched = [scoring_hessian(hessian[n], config.shrink) for n in full]
             scales, _ = search_scales(weights, searched, x_mean, [grids[n] for n in full], config)
             plans.append((prev, full, scales, mapping.prev_part))
         for prev, full, scales, part in plans:
@@ -173,9 +203,10 @@ def _process_block(model: nn.Module, config: AWQ, mappings, schemes: dict[str, Q
             w = linear_weight(module).detach().float()
             target = w
             if config.clip and not name.endswith(NO_CLIP_SUFFIXES):
-                target = search_clip(w, shrink_to_diagonal(hessian[name], config.shrink), grids[name],
-                                     config.max_shrink, config.n_grid)
-            rec, values = install_rounded(model, name, module, schemes[name], target)
+                target = search_clip(w, scoring_hessian(hessian[name], config.shrink), grids[name],
+                                     config.max_shrink, config.n_grid, config.weighted_fit)
+            importance = torch.diagonal(hessian[name]) if config.weighted_fit else None
+            rec, values = install_rounded(model, name, module, schemes[name], target, importance)
             rec["output_rel_mse"] = output_rel_error(w, values, hessian[name])
             records[name] = rec
         return records

@@ -20,24 +20,25 @@ class Rounded(NamedTuple):
     values: torch.Tensor  # float32 [out, in]: what the codes dequantize to
 
 
-def rtn_codes(weight: torch.Tensor, scheme: QuantScheme) -> Rounded:
+def rtn_codes(weight: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None = None) -> Rounded:
     """Round-to-nearest codes, layer parameters and values for a [out, in] weight, on the scheme's grid.
 
     The grid is ``grid_for(scheme)``, as GPTQ and AWQ use: a GGUF-named scheme (q4_0, q4_k, ...) fits its
-    blocks as llama.cpp does.
+    blocks as llama.cpp does; ``importance`` [in] makes every fit importance-weighted (`WeightGrid.fit`).
     """
     grid = grid_for(scheme)
-    codes, params, values = quantize_rtn(grid, weight)
+    codes, params, values = quantize_rtn(grid, weight, importance)
     g_idx = group_index(weight.shape[1], grid.block_size(weight.shape[1]), weight.device)
     return Rounded(codes, grid.layer_qparams(params, codes, g_idx), values)
 
 
-def install_rounded(model: nn.Module, name: str, module: nn.Module, scheme: QuantScheme, weight: torch.Tensor):
+def install_rounded(model: nn.Module, name: str, module: nn.Module, scheme: QuantScheme, weight: torch.Tensor,
+                    importance: torch.Tensor | None = None):
     """Round ``weight`` (the layer's own, or a clipped/scaled copy) to the grid and install the QuantLinear.
 
     Returns the layer's error record and the rounded values.
     """
-    r = rtn_codes(weight, scheme)
+    r = rtn_codes(weight, scheme, importance)
     return replace_with_quant_linear(model, name, module, scheme, r.codes, r.qparams), r.values
 
 
