@@ -18,7 +18,7 @@ METHODS = ("rtn", "gptq", "awq", "smoothquant")  # the registered passes the CLI
 # Flags that only some methods take: flag -> the config field it sets, per method.
 METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "gptq": ("damp", "block_size", "act_order", "static_groups", "token_cap", "weighted_fit", "shrink",
-             "float_target"),
+             "float_target", "uncapped_fit"),
     "awq": ("token_cap", "shrink", "weighted_fit", "clip"),
     "smoothquant": ("alpha",),
 }
@@ -94,9 +94,12 @@ def _method_options(method: str, given: dict) -> dict:
               help="gptq: fit group scales on the original weight before the updates (contiguous groups).")
 @click.option("--token-cap", type=float, default=None,
               help="gptq/awq: a calibration token counts with at most this many times the median token's input "
-                   "energy (attention sinks); 0 counts every token as it is [100].")
+                   "energy (attention sinks); 0 counts every token as it is [gptq 100, awq 0].")
 @click.option("--weighted-fit/--no-weighted-fit", default=None,
               help="gptq/awq: choose group scales by Hessian-diagonal-weighted error instead of min-max [on].")
+@click.option("--uncapped-fit/--capped-fit", default=None,
+              help="gptq: the weighted fit weighs columns by every token's input energy, uncapped (llama-imatrix's "
+                   "statistic) [uncapped on GGUF grids, capped on integer grids].")
 @click.option("--clip/--no-clip", default=None,
               help="awq: search per-group clipping ranges on the output error (redundant with the weighted fit "
                    "when --shrink is 1) [off].")
@@ -113,7 +116,7 @@ def _method_options(method: str, given: dict) -> dict:
 @ALLOW_PICKLE
 def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
              ignore, calib, nsamples, seqlen, seed, damp, block_size, act_order, static_groups, token_cap, weighted_fit,
-             clip, shrink, float_target, alpha, dtype, recipe, overwrite, allow_pickle) -> None:
+             uncapped_fit, clip, shrink, float_target, alpha, dtype, recipe, overwrite, allow_pickle) -> None:
     """Quantize MODEL (a Hugging Face model directory or a GGUF file) into a checkpoint at OUTPUT."""
     from squeeze import api
     from squeeze.calib import SELF, CalibConfig
@@ -139,6 +142,7 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
         raise SqueezeError(f"calibration file {calib!r} {what} (or pass --calib self)")
     options = _method_options(method, {"damp": damp, "block_size": block_size, "act_order": act_order,
                                        "static_groups": static_groups, "alpha": alpha, "weighted_fit": weighted_fit, "clip": clip,
+                                       "uncapped_fit": uncapped_fit,
                                        "float_target": float_target, "shrink": shrink,
                                        "token_cap": None if token_cap is None else (token_cap or False)})
     if options.get("token_cap") is False:  # --token-cap 0: no cap

@@ -230,3 +230,30 @@ def test_shrink_interpolates_between_gptq_and_weighted_rounding():
     assert torch.equal(shrink_to_diagonal(h, 0.0), h)
     with pytest.raises(Exception, match="--shrink must be in"):
         GPTQ(shrink=1.5)
+
+
+def test_uncapped_fit_weighs_columns_by_every_tokens_energy():
+    """HessianAccumulator.energy is diag(H) without the token cap (what llama-imatrix collects); GPTQ's
+    weighted fit takes it on GGUF grids by default (uses_uncapped_fit), and with shrink=1 the codes are
+    then exactly the rounding fitted for that importance."""
+    from squeeze.passes.gptq import uses_uncapped_fit
+
+    w, x, _ = _layer_problem(3)
+    x = x.clone()
+    x[0] *= 300.0  # one attention-sink-like token
+    capped, plain = HessianAccumulator(128, token_cap=100.0), HessianAccumulator(128)
+    capped.add(x[:700])
+    capped.add(x[700:])
+    plain.add(x)
+    torch.testing.assert_close(capped.energy, torch.diag(plain.hessian))
+    assert float(torch.diag(capped.hessian).sum()) < 0.5 * float(capped.energy.sum())
+    grid = IntGrid(get_scheme("w4g32"))
+    kw = dict(act_order=True, static_groups=True, weighted_fit=True, shrink=1.0)
+    got = gptq_quantize(w, capped.hessian, grid, importance=capped.energy, **kw)
+    params = [grid.fit(w[:, g : g + 32], capped.energy[g : g + 32]) for g in range(0, 128, 32)]
+    expected = torch.cat([grid.nearest(w[:, g : g + 32], p)[1] for g, p in zip(range(0, 128, 32), params)], 1)
+    torch.testing.assert_close(got.values, expected)
+    assert not torch.equal(got.values, gptq_quantize(w, capped.hessian, grid, **kw).values)
+    assert uses_uncapped_fit(GPTQ(), get_scheme("q4_0")) and not uses_uncapped_fit(GPTQ(), get_scheme("w4g128"))
+    assert uses_uncapped_fit(GPTQ(uncapped_fit=True), get_scheme("w4g128"))
+    assert not uses_uncapped_fit(GPTQ(uncapped_fit=False), get_scheme("q4_0"))

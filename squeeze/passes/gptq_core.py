@@ -52,6 +52,7 @@ class HessianAccumulator:
 
     def __init__(self, in_features: int, device=None, token_cap: float | None = None):
         self.hessian = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
+        self.energy = torch.zeros(in_features, device=device, dtype=torch.float32)  # diag(H) without token caps
         self.count = 0
         self.token_cap = token_cap
 
@@ -59,6 +60,7 @@ class HessianAccumulator:
         """Take in a batch: rescale the running sums to the new count and return ``x`` (and ``paired``
         inputs of the same tokens) weighted for adding, token caps (from ``x``) included."""
         rows = [t.detach().reshape(-1, t.shape[-1]).float() for t in (x, *paired)]
+        energy = rows[0].square().sum(0)
         if self.token_cap is not None:
             weight = outlier_token_weights(rows[0], self.token_cap).sqrt().unsqueeze(1)
             rows = [r * weight for r in rows]
@@ -66,11 +68,12 @@ class HessianAccumulator:
         for total in self._sums():
             total.mul_(self.count / (self.count + n))
         self.count += n
+        self.energy.add_(energy, alpha=2.0 / self.count)
         factor = math.sqrt(2.0 / self.count)
         return [r * factor for r in rows]
 
     def _sums(self) -> tuple[torch.Tensor, ...]:
-        return (self.hessian,)
+        return (self.hessian, self.energy)
 
     def add(self, x: torch.Tensor) -> None:
         (x,) = self._scaled(x)
@@ -86,7 +89,7 @@ class CrossAccumulator(HessianAccumulator):
         self.cross = torch.zeros_like(self.hessian)
 
     def _sums(self) -> tuple[torch.Tensor, ...]:
-        return (self.hessian, self.cross)
+        return (self.hessian, self.energy, self.cross)
 
     def add_pair(self, x: torch.Tensor, x_ref: torch.Tensor) -> None:
         x, x_ref = self._scaled(x, x_ref)
@@ -173,12 +176,14 @@ def gptq_quantize(
     static_groups: bool = False,
     weighted_fit: bool = False,
     shrink: float = 0.0,
+    importance: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize ``weight`` [rows, cols] onto ``grid``, minimising ||(W - Q) X||^2 with H ~ X X^T.
 
     ``weighted_fit``: each group's grid parameters are fitted with the Hessian diagonal as column
     importance (`WeightGrid.fit`), instead of on the group's range alone.
     ``shrink``: the error updates use `shrink_to_diagonal` (H, shrink); 1 gives importance-weighted rounding.
+    ``importance`` [cols]: the weighted fit's column importance instead of H's diagonal.
     """
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
@@ -189,7 +194,10 @@ def gptq_quantize(
     gs = grid.block_size(cols)
     n_groups = -(-cols // gs)
     params: list = [None] * n_groups
-    importance = torch.diag(H) if weighted_fit else None
+    if weighted_fit:
+        importance = torch.diag(H) if importance is None else importance.float().to(H.device)
+    else:
+        importance = None
 
     def fit(w: torch.Tensor, columns: slice, order: torch.Tensor | None = None):
         if importance is None:
