@@ -168,12 +168,12 @@ def _writing(out: Path):
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool):
-    """Yield an empty temporary directory beside ``out``; on success it replaces ``out``."""
+def _atomic_output(out: Path, overwrite: bool, make_temp):
+    """Yield ``make_temp(parent, name)`` beside ``out``; on success it replaces ``out``, else it is removed."""
     out = Path(out)
     with _writing(out):
         out = Path(os.path.abspath(out))  # "." and "a/.." have names; a symlink itself is replaced
-        tmp = _new_temp_dir(out.parent, out.name, "tmp")
+        tmp = make_temp(out.parent, out.name)
         try:
             yield tmp
             _replace(tmp, out, overwrite)
@@ -182,19 +182,14 @@ def atomic_output_dir(out: Path, overwrite: bool):
             raise
 
 
-@contextlib.contextmanager
+def atomic_output_dir(out: Path, overwrite: bool):
+    """Yield an empty temporary directory beside ``out``; on success it replaces ``out``."""
+    return _atomic_output(out, overwrite, lambda parent, name: _new_temp_dir(parent, name, "tmp"))
+
+
 def atomic_output_file(out: Path, overwrite: bool):
     """Yield a temporary file path beside ``out``; on success it replaces ``out``."""
-    out = Path(out)
-    with _writing(out):
-        out = Path(os.path.abspath(out))
-        tmp = _new_temp_file(out.parent, out.name)
-        try:
-            yield tmp
-            _replace(tmp, out, overwrite)
-        except BaseException:
-            _remove(tmp)
-            raise
+    return _atomic_output(out, overwrite, _new_temp_file)
 
 
 @contextlib.contextmanager
