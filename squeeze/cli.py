@@ -32,7 +32,7 @@ METHOD_SCHEME_DEFAULTS: dict[str, tuple[int, str, str]] = {"smoothquant": (8, "c
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="squeeze")
+@click.version_option(package_name="squeeze-quant")
 def cli() -> None:
     """squeeze: quantize models, export them, and prove they still work."""
 

@@ -9,7 +9,7 @@ class MissingExtraError(SqueezeError):
     """An optional dependency is not installed."""
 
     def __init__(self, package: str, extra: str):
-        super().__init__(f"{package} is not installed; install it with: pip install 'squeeze[{extra}]'")
+        super().__init__(f"{package} is not installed; install it with: pip install 'squeeze-quant[{extra}]'")
 
 
 class VerificationError(Exception):

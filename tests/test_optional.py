@@ -9,7 +9,7 @@ from squeeze.optional import require
 def test_missing_extra_names_the_pip_command():
     with pytest.raises(MissingExtraError) as e:
         require("squeeze_no_such_runtime", "gguf")
-    assert str(e.value) == "squeeze_no_such_runtime is not installed; install it with: pip install 'squeeze[gguf]'"
+    assert str(e.value) == "squeeze_no_such_runtime is not installed; install it with: pip install 'squeeze-quant[gguf]'"
     assert isinstance(e.value, SqueezeError)  # the CLI prints it as one line with exit code 2
 
 

@@ -112,7 +112,7 @@ def require_tensorrt():
     if not gpu:
         missing.append("no NVIDIA GPU was found (TensorRT builds and runs engines only on NVIDIA GPUs)")
     if tensorrt is None:
-        missing.append("tensorrt is not installed (pip install 'squeeze[tensorrt]' on an NVIDIA GPU machine)")
+        missing.append("tensorrt is not installed (pip install 'squeeze-quant[tensorrt]' on an NVIDIA GPU machine)")
     raise SqueezeError("TensorRT export/run is unavailable here: " + "; ".join(missing))
 
 

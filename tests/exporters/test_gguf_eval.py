@@ -10,8 +10,8 @@ import torch
 from squeeze import api
 from squeeze.model import load_tokenizer
 
-pytest.importorskip("gguf", reason="gguf-py is not installed (pip install 'squeeze[gguf]')")
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'squeeze[gguf]')")
+pytest.importorskip("gguf", reason="gguf-py is not installed (pip install 'squeeze-quant[gguf]')")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'squeeze-quant[gguf]')")
 
 
 @pytest.fixture(scope="module")

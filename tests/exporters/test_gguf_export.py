@@ -14,8 +14,8 @@ from squeeze.errors import SqueezeError, VerificationError
 from squeeze.exporters.gguf.codecs import unpack
 from squeeze.exporters.gguf.mixes import MIXES
 
-gguf = pytest.importorskip("gguf", reason="gguf-py is not installed (pip install 'squeeze[gguf]')")
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'squeeze[gguf]')")
+gguf = pytest.importorskip("gguf", reason="gguf-py is not installed (pip install 'squeeze-quant[gguf]')")
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'squeeze-quant[gguf]')")
 
 QUANT_MIXES = [name for name, mix in MIXES.items() if mix.default.startswith("Q")]
 

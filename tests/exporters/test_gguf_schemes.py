@@ -19,8 +19,8 @@ from squeeze.model import load_tokenizer
 from squeeze.modules import QuantLinear
 from squeeze.scheme import GGUFMix, get_scheme
 
-gguf = pytest.importorskip("gguf", reason="gguf-py is not installed (pip install 'squeeze[gguf]')")
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'squeeze[gguf]')")
+gguf = pytest.importorskip("gguf", reason="gguf-py is not installed (pip install 'squeeze-quant[gguf]')")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'squeeze-quant[gguf]')")
 
 BLOCK_SCHEMES = ["q4_1", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 
@@ -179,7 +179,7 @@ def test_gguf_schemes_are_fixed_grids():
 
 def test_block_checkpoint_to_onnx_is_refused_in_one_line(tiny256, tmp_path):
     """MatMulNBits has no sub-block scales or mins: exporting a q4_k checkpoint to ONNX says so (exit 2)."""
-    pytest.importorskip("onnx", reason="onnx is not installed (pip install 'squeeze[onnx]')")
+    pytest.importorskip("onnx", reason="onnx is not installed (pip install 'squeeze-quant[onnx]')")
     from squeeze.cli import main
 
     ckpt = api.quantize_dir(tiny256, tmp_path / "ck", squeeze.RTN(scheme=get_scheme("q4_k"), targets=("o_proj",)))
