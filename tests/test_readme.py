@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -57,7 +56,7 @@ def test_readme_program_leaves_out_only_installs_and_gpu_lines():
 
 def test_readme_commands_parse_and_connect():
     """Every `squeeze` line of the program parses with the real click commands, and every file or directory
-    it reads is in the checkout or was written by an earlier line (fast; the slow test below runs them)."""
+    it reads is in the checkout or was written by an earlier line (fast; the test below runs them)."""
     from squeeze.cli import cli
 
     variables, made, outputs = {}, set(), []
@@ -82,7 +81,8 @@ def test_readme_commands_parse_and_connect():
     assert len(outputs) == len(made), "two lines write the same output"
 
 
-@pytest.mark.slow  # about 5 minutes on 2 CPU cores: ~25 commands, each importing torch and transformers
+# About 5 minutes on 2 CPU cores (~25 commands, each importing torch and transformers): in the default suite,
+# so that CI proves every README command runs as written.
 def test_readme_examples_run_in_order_in_a_fresh_directory(tmp_path):
     """From a directory holding only the checkout's inputs (squeeze/, calibration/, bench/ linked), every
     block runs, each file a later block uses was made by an earlier one, and the API block runs twice."""
