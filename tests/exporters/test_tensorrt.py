@@ -26,7 +26,7 @@ def test_missing_gpu_or_tensorrt_is_one_line_exit_2(stories_dir, tmp_path, capsy
 def test_missing_tensorrt_named_even_with_a_gpu(monkeypatch):
     monkeypatch.setattr(trt_export, "nvidia_gpu_count", lambda: 1)
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)  # import tensorrt -> ImportError
-    with pytest.raises(SqueezeError, match=r"tensorrt is not installed \(pip install 'squeeze\[tensorrt\]'"):
+    with pytest.raises(SqueezeError, match=r"tensorrt is not installed \(pip install 'squeeze-quant\[tensorrt\]'"):
         trt_export.require_tensorrt()
 
 
