@@ -96,9 +96,10 @@ def quantize_cell(model_dir: Path, out: Path, method: str, scheme: str, calib: C
     return {"quantize_seconds": time.perf_counter() - start}
 
 
-def int_cells(cells: Cells, work: Path, model_dir: Path, text: Path, methods=INT_METHODS) -> list[dict]:
+def int_cells(cells: Cells, work: Path, model_dir: Path, text: Path, methods=INT_METHODS,
+              schemes=INT_SCHEMES) -> list[dict]:
     rows = [cells.get("fp32", lambda: {"ppl": api.evaluate(model_dir, text, ctx=CTX, progress=False).ppl})]
-    for scheme in INT_SCHEMES:
+    for scheme in schemes:
         for method in methods:
             def measure(method=method, scheme=scheme):
                 out = work / f"{method}-{scheme}"
@@ -215,11 +216,11 @@ def speed_cell(cells: Cells, work: Path, model_dir: Path, text: Path) -> dict:
     return cells.get("speed-eval", measure)
 
 
-def int_table(rows: list[dict]) -> str:
+def int_table(rows: list[dict], schemes=INT_SCHEMES) -> str:
     fp32 = next(r["ppl"] for r in rows if r["cell"] == "fp32")
     lines = [f"torch fp32: **{fp32:.3f}**", "",
              "| scheme | method | ppl | Δ vs fp32 | RTN gap recovered | quantize s |", "|---|---|---|---|---|---|"]
-    for scheme in INT_SCHEMES:
+    for scheme in schemes:
         rtn = next(r["ppl"] for r in rows if r.get("scheme") == scheme and r["method"] == "rtn")
         for r in (r for r in rows if r.get("scheme") == scheme):
             recovered = "" if r["method"] == "rtn" else f"{100 * (rtn - r['ppl']) / (rtn - fp32):.1f}%"
@@ -247,6 +248,8 @@ def main(argv=None) -> int:
     ap.add_argument("--types", nargs="*", default=list(GGUF_TYPES))
     ap.add_argument("--variants", nargs="*", default=list(GGUF_VARIANTS), choices=GGUF_VARIANTS)
     ap.add_argument("--methods", nargs="*", default=list(INT_METHODS), choices=INT_METHODS)
+    ap.add_argument("--schemes", nargs="*", default=list(INT_SCHEMES), choices=INT_SCHEMES,
+                    help="integer grids of the int cells (RTN is needed for the recovered share)")
     ap.add_argument("--work", type=Path, default=None, help="[default: <cache>/bench-smollm2]")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "smollm2.md")
     ap.add_argument("--fresh", action="store_true", help="Measure every cell again.")
@@ -257,7 +260,7 @@ def main(argv=None) -> int:
     model_dir, text = smollm2_dir(), wikitext_lines(EVAL_LINES)
     sections = []
     if args.cells in ("all", "int"):
-        sections.append("## Integer grids (squeeze eval in torch)\n\n" + int_table(int_cells(cells, work, model_dir, text, args.methods)))
+        sections.append("## Integer grids (squeeze eval in torch)\n\n" + int_table(int_cells(cells, work, model_dir, text, args.methods, args.schemes), args.schemes))
     if args.cells in ("all", "gguf"):
         sections.append("## GGUF (llama-perplexity on each file)\n\n"
                         + gguf_table(gguf_cells(cells, work, model_dir, text, args.types, args.variants)))
