@@ -257,3 +257,17 @@ def test_uncapped_fit_weighs_columns_by_every_tokens_energy():
     assert uses_uncapped_fit(GPTQ(), get_scheme("q4_0")) and not uses_uncapped_fit(GPTQ(), get_scheme("w4g128"))
     assert uses_uncapped_fit(GPTQ(uncapped_fit=True), get_scheme("w4g128"))
     assert not uses_uncapped_fit(GPTQ(uncapped_fit=False), get_scheme("q4_0"))
+
+
+@pytest.mark.parametrize("width", [7, 256, 576, 1100])
+def test_hessian_from_the_upper_blocks_equals_the_full_product(width):
+    """add_gram_upper computes only the upper block triangle; with the lower blocks mirrored it is x^T x."""
+    from squeeze.passes.gptq_core import add_gram_upper, mirror_upper
+
+    x = torch.randn(300, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+    gram = torch.zeros(width, width, dtype=torch.float64)
+    add_gram_upper(gram, x)
+    add_gram_upper(gram, x[:50])
+    mirror_upper(gram)
+    torch.testing.assert_close(gram, x.t() @ x + x[:50].t() @ x[:50], rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(gram, gram.t(), rtol=1e-12, atol=1e-10)
