@@ -18,8 +18,8 @@ METHODS = ("rtn", "gptq", "awq", "smoothquant")  # the registered passes the CLI
 # Flags that only some methods take: flag -> the config field it sets, per method.
 METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "gptq": ("damp", "block_size", "act_order", "static_groups", "token_cap", "weighted_fit", "shrink",
-             "float_target", "uncapped_fit"),
-    "awq": ("token_cap", "shrink", "weighted_fit", "clip"),
+             "float_target", "uncapped_fit", "calib_precision"),
+    "awq": ("token_cap", "shrink", "weighted_fit", "clip", "calib_precision"),
     "smoothquant": ("alpha",),
 }
 # quantize and eval: the one way to load pickle weights (see README, "What squeeze reads")
@@ -86,6 +86,9 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calib-precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
+              help="gptq/awq: arithmetic of the calibration forwards; statistics and solver stay float32 "
+                   "[auto: bfloat16 matmuls for a float32 model where the CPU has them natively, else float32].")
 @click.option("--damp", type=float, default=None, help="gptq: dampening, a fraction of the mean Hessian diagonal [0.01].")
 @click.option("--block-size", type=int, default=None, help="gptq: columns per lazy-batch update [128].")
 @click.option("--act-order/--no-act-order", default=None,
@@ -115,7 +118,7 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @ALLOW_PICKLE
 def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
-             ignore, calib, nsamples, seqlen, seed, damp, block_size, act_order, static_groups, token_cap, weighted_fit,
+             ignore, calib, nsamples, seqlen, seed, calib_precision, damp, block_size, act_order, static_groups, token_cap, weighted_fit,
              uncapped_fit, clip, shrink, float_target, alpha, dtype, recipe, overwrite, allow_pickle) -> None:
     """Quantize MODEL (a Hugging Face model directory or a GGUF file) into a checkpoint at OUTPUT."""
     from squeeze import api
@@ -144,6 +147,7 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
                                        "static_groups": static_groups, "alpha": alpha, "weighted_fit": weighted_fit, "clip": clip,
                                        "uncapped_fit": uncapped_fit,
                                        "float_target": float_target, "shrink": shrink,
+                                       "calib_precision": calib_precision,
                                        "token_cap": None if token_cap is None else (token_cap or False)})
     if options.get("token_cap") is False:  # --token-cap 0: no cap
         options["token_cap"] = None

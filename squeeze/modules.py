@@ -11,6 +11,9 @@ computes exactly the same logits.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -45,6 +48,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_zero_point", None)
         self.register_buffer("offsets", None)  # float32 [out, n_groups] for GGUF grids with block mins
         self.register_buffer("gguf_blocks", None)  # uint8 [out, bytes per row]: the layer as GGUF blocks
+        self._weight_cache: dict | None = None  # set inside `dequantize_once`
 
     @classmethod
     def from_codes(
@@ -84,11 +88,33 @@ class QuantLinear(nn.Module):
         w = dequantize(self.codes, self.scales, self.zeros, self.g_idx, torch.float32) + self.offsets[:, self.g_idx.long()]
         return w.to(self.compute_dtype)
 
+    def _weight_for(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._weight_cache is None:
+            return self.dequantized_weight().to(dtype)
+        if dtype not in self._weight_cache:
+            self._weight_cache[dtype] = self.dequantized_weight().to(dtype)
+        return self._weight_cache[dtype]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         acts = self.scheme.activations
         if acts is not None:
             x = fake_quant_activation(x, acts, self.input_scale, self.input_zero_point)
-        return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        return nn.functional.linear(x, self._weight_for(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+
+@contextmanager
+def dequantize_once(module: nn.Module) -> Iterator[None]:
+    """Inside, each QuantLinear of ``module`` dequantizes its weight once instead of on every call (a
+    calibration pass runs a block on many batches); the float copies are dropped on exit. The layers must not
+    change inside (the runner enters it per pass)."""
+    layers = [m for m in module.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer._weight_cache = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._weight_cache = None

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 
 from squeeze.errors import SqueezeError
 from squeeze.model import find_blocks
+from squeeze.modules import dequantize_once
+from squeeze.precision import calib_autocast
 from squeeze.replay import BlockReplay
 
 CALIB_BATCH_SIZE = 8
@@ -42,6 +44,8 @@ class BlockInputs:
     reference_block: nn.Module | None = None
     # Set by run_sequential for the block being processed: its passes replay the unchanged modules' outputs.
     replay: BlockReplay | None = None
+    # The dtype block forwards autocast to (`squeeze.precision.calib_autocast`); None: the model's own.
+    autocast: torch.dtype | None = None
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -49,7 +53,15 @@ class BlockInputs:
     def batch(self, i: int, reference: bool = False) -> "BlockInputs":
         """Batch ``i`` alone (of the float stream with ``reference``)."""
         hidden = self.reference if reference else self.hidden
-        return BlockInputs(hidden[i : i + 1], self.args[i : i + 1], self.kwargs[i : i + 1])
+        return BlockInputs(hidden[i : i + 1], self.args[i : i + 1], self.kwargs[i : i + 1], autocast=self.autocast)
+
+    def forward(self, block: nn.Module, i: int):
+        """``block`` called on batch ``i`` (under autocast when set)."""
+        h, a, k = self.hidden[i], self.args[i], self.kwargs[i]
+        if self.autocast is None:
+            return block(h, *a, **k)
+        with torch.autocast(h.device.type, dtype=self.autocast):
+            return block(h, *a, **k)
 
 
 class _Captured(Exception):
@@ -113,10 +125,10 @@ def _replaying(block: nn.Module, inputs: BlockInputs, observed: set[nn.Module] |
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     """The block's output hidden states for every captured batch."""
     outputs = []
-    with _replaying(block, inputs, None) as start:
-        for i, (h, a, k) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs)):
+    with _replaying(block, inputs, None) as start, dequantize_once(block):
+        for i in range(len(inputs)):
             start(i)
-            outputs.append(_block_output(block(h, *a, **k)))
+            outputs.append(_block_output(inputs.forward(block, i)))
     return outputs
 
 
@@ -134,19 +146,20 @@ def collect_inputs(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.M
     seen: set[str] = set()
 
     def hook(name: str, x: torch.Tensor) -> None:
-        observe(name, x)
+        with torch.autocast(x.device.type, enabled=False):  # statistics in float32 whatever the forward ran in
+            observe(name, x)
         seen.add(name)
         if len(seen) == len(layers):
             raise _AllObserved
 
     handles = [m.register_forward_pre_hook(lambda _m, a, n=n: hook(n, a[0])) for n, m in layers.items()]
     try:
-        with _replaying(block, inputs, set(layers.values())) as start:
-            for i, (h, a, k) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs)):
+        with _replaying(block, inputs, set(layers.values())) as start, dequantize_once(block):
+            for i in range(len(inputs)):
                 start(i)
                 seen.clear()
                 try:
-                    block(h, *a, **k)
+                    inputs.forward(block, i)
                 except _AllObserved:
                     pass
     finally:
@@ -198,6 +211,7 @@ def run_sequential(
     device: torch.device | str | None = None,
     desc: str = "calibrate",
     track_float: bool = False,
+    precision: str = "float32",
 ) -> dict[str, dict]:
     """Calibrate ``model`` block by block; ``process_block(prefix, block, its layers, inputs)`` returns records.
 
@@ -205,6 +219,7 @@ def run_sequential(
     ``model``); the runner then feeds the quantized block's outputs forward.
     ``track_float`` also carries the float model's hidden states (``inputs.reference``) and hands
     ``process_block`` a float copy of each block (``inputs.reference_block``): one more block pass each.
+    ``precision``: the arithmetic of the block forwards (`squeeze.precision`; statistics stay float32).
     """
     if calib is None:
         raise SqueezeError(f"{desc} needs calibration data (--calib FILE, or --calib self)")
@@ -217,6 +232,7 @@ def run_sequential(
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     inputs = capture_block_inputs(model, blocks[0], calib.input_ids, device)
+    inputs.autocast = calib_autocast(precision, device, next(model.parameters()).dtype)
     if track_float:
         inputs.reference = list(inputs.hidden)
     records: dict[str, dict] = {}
@@ -231,7 +247,8 @@ def run_sequential(
         inputs.hidden = run_block(block, inputs)
         inputs.replay = None
         if track_float:
-            inputs.reference = run_block(inputs.reference_block, BlockInputs(inputs.reference, inputs.args, inputs.kwargs))
+            reference = BlockInputs(inputs.reference, inputs.args, inputs.kwargs, autocast=inputs.autocast)
+            inputs.reference = run_block(inputs.reference_block, reference)
             inputs.reference_block = None
         block.to(home)
         bar.set_postfix_str(f"{blocks_name}.{index} done")
