@@ -14,6 +14,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @pytest.fixture(scope="session")
+def llama_cpp():
+    """The llama.cpp backend squeeze runs GGUF files with here (llama-cpp-python, else llama-cpp-py-sync),
+    its library loaded; the test is skipped, saying why, when there is none."""
+    from squeeze.errors import SqueezeError
+    from squeeze.eval.llamacpp_backends import llama_cpp_backend
+
+    try:
+        backend = llama_cpp_backend()
+        backend.load()
+    except SqueezeError as e:
+        pytest.skip(f"no llama.cpp: {e}")
+    return backend
+
+
+@pytest.fixture(scope="session")
 def stories_dir() -> Path:
     return DEFAULT_MODEL
 
