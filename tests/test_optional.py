@@ -46,8 +46,10 @@ def test_llama_cpp_backends_in_order_of_preference(monkeypatch):
         lb.llama_cpp_backend("llama.cpp")
 
 
-def test_eval_gguf_without_llama_cpp_is_one_line(tmp_path, monkeypatch, capfd):
-    """`squeeze eval FILE.gguf` with no llama.cpp binding: exit 2 and the install hint, before any work."""
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_gguf_without_llama_cpp_is_one_line(command, tmp_path, monkeypatch, capfd):
+    """`squeeze eval FILE.gguf` and a verified `squeeze export --to gguf` with no llama.cpp binding: exit 2 and
+    the install hint, before any work (the export writes nothing)."""
     import importlib.util
 
     pytest.importorskip("gguf")
@@ -59,7 +61,10 @@ def test_eval_gguf_without_llama_cpp_is_one_line(tmp_path, monkeypatch, capfd):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("llama_cpp", "llama_cpp_py_sync") else real_find_spec(name, *a))
-    assert main(["eval", str(path), "--data", str(default_eval_text())]) == 2
+    argv = (["eval", str(path), "--data", str(default_eval_text())] if command == "eval"
+            else ["export", str(DEFAULT_MODEL), "--to", "gguf", "-o", str(tmp_path / "e.gguf")])
+    assert main(argv) == 2
     err = capfd.readouterr().err
     assert err.strip().splitlines() == ["error: llama-cpp-py-sync or llama-cpp-python is not installed; "
                                         "install it with: pip install 'squeeze-quant[gguf]'"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
