@@ -29,7 +29,8 @@ def gguf_metadata(path: Path) -> dict:
 
 
 class LlamaCppRuntime:
-    """Runs a .gguf file in llama.cpp on the CPU."""
+    """Runs a .gguf file in llama.cpp on the CPU; ``backend`` names a binding (llamacpp_backends.BACKENDS),
+    by default the preferred one installed."""
 
     name = "llama.cpp"
 
