@@ -13,6 +13,13 @@ from squeeze.resources import DEFAULT_MODEL, default_calibration_text, default_e
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that run llama.cpp carry the llama_cpp mark: .ci/run runs them again on the other backend."""
+    for item in items:
+        if {"llama_cpp", "ggml_quantize"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.llama_cpp)
+
+
 @pytest.fixture(scope="session")
 def llama_cpp():
     """The llama.cpp backend squeeze runs GGUF files with here (llama-cpp-python, else llama-cpp-py-sync),
