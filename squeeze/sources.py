@@ -18,8 +18,8 @@ from torch import nn
 
 from squeeze.errors import SqueezeError
 from squeeze.model import (
-    PICKLE_SUFFIXES, WEIGHT_SUFFIXES, directory_hash, hash_file, load_pretrained, load_tokenizer, nonfinite_tensors, refuse_nonfinite,
-    validate_model_dir, weight_files, weights_size)
+    PICKLE_SUFFIXES, WEIGHT_SUFFIXES, directory_hash, hash_file, load_pretrained, load_tokenizer, nonfinite_tensors,
+    refuse_nonfinite, validate_model_dir, weight_files, weights_size)
 from squeeze.optional import require
 
 GGUF_MAGIC = b"GGUF"
