@@ -13,7 +13,6 @@ re-rounding, against llama.cpp's own q4_0 / q4_k_m.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import sys
 import time
 from pathlib import Path
@@ -39,17 +38,11 @@ CALIBRATED = (("q4_0", "q4_0", ("mlp.down_proj",)), ("q4_1", "q4_1", ("mlp.down_
 
 
 def llama_quantize(src: Path, out: Path, qtype: str) -> Path:
-    """llama.cpp's own quantization of ``src`` (llama_model_quantize, no imatrix)."""
-    import llama_cpp
+    """llama.cpp's own quantization of ``src`` (llama_model_quantize, no imatrix; q4_k etc.: --pure)."""
+    from squeeze.eval.llamacpp_backends import llama_cpp_backend
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = MIXES[qtype].ftype
-    params.pure = MIXES[qtype].pure  # q4_k etc.: llama-quantize --pure
-    params.nthread = 1
     with quiet_stderr():
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({qtype}) failed with {rc}")
+        llama_cpp_backend().quantize(src, out, MIXES[qtype].ftype, MIXES[qtype].pure, n_threads=1)
     return out
 
 

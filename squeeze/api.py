@@ -176,10 +176,12 @@ def quantize_dir(
     return save(model, out, recipe, source=src, calib=calib_set, records=records, overwrite=overwrite)
 
 
-def export(model: str | Path, fmt: str, output: str | Path, overwrite: bool = False, **options) -> Artifact:
+def export(model: str | Path, fmt: str, output: str | Path, overwrite: bool = False, allow_pickle: bool = False,
+           **options) -> Artifact:
     """Export the model directory ``model`` to ``fmt`` at ``output``; options go to that format's config.
 
     Options left at None are the format's defaults; an option the format does not take is an error.
+    ``allow_pickle``: see squeeze.load (pickle-only weights are read into a temporary safetensors copy).
     """
     from dataclasses import fields
 
@@ -195,11 +197,12 @@ def export(model: str | Path, fmt: str, output: str | Path, overwrite: bool = Fa
     if not src.exists():
         raise SqueezeError(f"model path {str(src)!r} does not exist")
     out = check_output_path(output, overwrite, kind="file", inputs=(src,), suffixes=OUTPUT_SUFFIXES[fmt])
-    if not is_gguf(src):  # a GGUF input is checked as it is dequantized (squeeze.load)
-        check_finite_files(validate_model_dir(src))
-    if getattr(config_cls, "reads_gguf", False):
+    if not is_gguf(src):  # a GGUF input is checked as it is dequantized (squeeze.load), pickles as they load
+        check_finite_files(validate_model_dir(src, allow_pickle))
+    if is_gguf(src) and getattr(config_cls, "reads_gguf", False):
         return export_fn(src, out, config, overwrite)
-    with as_model_dir(src, out.parent) as model_dir:  # a GGUF input is dequantized into a temporary directory
+    # a GGUF input is dequantized, pickle weights are loaded, into a temporary safetensors directory
+    with as_model_dir(src, out.parent, allow_pickle) as model_dir:
         return export_fn(model_dir, out, config, overwrite)
 
 

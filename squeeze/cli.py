@@ -22,7 +22,7 @@ METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "awq": ("token_cap", "shrink", "weighted_fit", "clip", "calib_precision"),
     "smoothquant": ("alpha",),
 }
-# quantize and eval: the one way to load pickle weights (see README, "What squeeze reads")
+# quantize, eval and export: the one way to load pickle weights (see README, "What squeeze reads")
 ALLOW_PICKLE = click.option(
     "--allow-pickle", is_flag=True,
     help="Load pickle weights (.bin/.pt) when a model directory has no safetensors (torch.load with "
@@ -217,12 +217,13 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
 @click.option("--no-verify", is_flag=True, help="Skip loading the file in its runtime and comparing with torch.")
 @click.option("--kv-cache", is_flag=True, help="onnx/tensorrt: past key/value inputs and outputs for token-by-token decoding.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def export(model, fmt, output, qtype, requantize, no_verify, kv_cache, overwrite) -> None:
+@ALLOW_PICKLE
+def export(model, fmt, output, qtype, requantize, no_verify, kv_cache, overwrite, allow_pickle) -> None:
     """Export MODEL (a float or quantized model directory, or a GGUF file) to a deployment format."""
     from squeeze import api
 
     artifact = api.export(model, fmt, output, qtype=qtype, verify=not no_verify, requantize=requantize,
-                          kv_cache=kv_cache, overwrite=overwrite)
+                          kv_cache=kv_cache, overwrite=overwrite, allow_pickle=allow_pickle)
     for note in artifact.notes:
         click.echo(note, err=True)
     v = artifact.verification

@@ -143,8 +143,8 @@ def validate_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
     pickles = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
     if pickles and not allow_pickle:
         raise SqueezeError(f"{str(p)!r} holds pickle weights ({', '.join(pickles[:3])}), which can run code when "
-                           "loaded; convert them to safetensors, or pass --allow-pickle (quantize, eval) to load them "
-                           "with torch.load(weights_only=True)")
+                           "loaded; convert them to safetensors, or pass --allow-pickle (quantize, eval, export) to "
+                           "load them with torch.load(weights_only=True)")
     for f in files:
         if f.suffix == ".safetensors":
             check_safetensors(f)

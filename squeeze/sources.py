@@ -9,6 +9,7 @@ GGUF are refused in one line that names them.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import torch
 from torch import nn
 
 from squeeze.errors import SqueezeError
-from squeeze.model import directory_hash, hash_file, load_tokenizer, validate_model_dir, weights_size
+from squeeze.model import (
+    PICKLE_SUFFIXES, WEIGHT_SUFFIXES, directory_hash, hash_file, load_pretrained, load_tokenizer, nonfinite_tensors,
+    refuse_nonfinite, validate_model_dir, weight_files, weights_size)
 from squeeze.optional import require
 
 GGUF_MAGIC = b"GGUF"
@@ -140,18 +143,30 @@ def source_size(path: Path) -> int:
 
 
 @contextmanager
-def as_model_dir(path: Path, scratch: Path):
-    """``path`` as a Hugging Face directory: itself, or a GGUF file dequantized into a temporary directory
-    under ``scratch`` (float32 safetensors, config, tokenizer), removed afterwards."""
-    if not is_gguf(path):
-        yield validate_model_dir(path)
-        return
-    model = load_gguf_model(path)
-    tokenizer = load_gguf_tokenizer(path)
+def as_model_dir(path: Path, scratch: Path, allow_pickle: bool = False):
+    """``path`` as a Hugging Face directory of safetensors weights: itself, or a temporary copy under
+    ``scratch`` (config, tokenizer, safetensors), removed afterwards, of a GGUF file (dequantized to
+    float32) or of a directory whose only weights are pickles (``allow_pickle``: read with
+    torch.load(weights_only=True), which refuses a pickle that would run code)."""
     from squeeze.fsutil import scratch_dir
 
-    with scratch_dir(scratch, f"{path.stem}.dequantized") as tmp:
+    if is_gguf(path):
+        model, tokenizer, label = load_gguf_model(path), load_gguf_tokenizer(path), f"{path.stem}.dequantized"
+    else:
+        path = validate_model_dir(path, allow_pickle)
+        if weight_files(path)[0].suffix not in PICKLE_SUFFIXES:
+            yield path
+            return
+        model = load_pretrained(path)
+        refuse_nonfinite(nonfinite_tensors(model.state_dict().items()), str(path))
+        tokenizer, label = None, f"{path.name}.safetensors"
+    with scratch_dir(scratch, label) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
         del model
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        else:  # the directory's own config, tokenizer and other small files, as they are
+            for f in path.iterdir():
+                if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json"):
+                    shutil.copyfile(f, tmp / f.name)
         yield tmp

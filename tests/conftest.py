@@ -13,6 +13,28 @@ from squeeze.resources import DEFAULT_MODEL, default_calibration_text, default_e
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that run llama.cpp carry the llama_cpp mark: .ci/run runs them again on the other backend."""
+    for item in items:
+        if {"llama_cpp", "ggml_quantize"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.llama_cpp)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """The llama.cpp backend squeeze runs GGUF files with here (llama-cpp-python, else llama-cpp-py-sync),
+    its library loaded; the test is skipped, saying why, when there is none."""
+    from squeeze.errors import SqueezeError
+    from squeeze.eval.llamacpp_backends import llama_cpp_backend
+
+    try:
+        backend = llama_cpp_backend()
+        backend.load()
+    except SqueezeError as e:
+        pytest.skip(f"no llama.cpp: {e}")
+    return backend
+
+
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
     return DEFAULT_MODEL

@@ -158,9 +158,10 @@ CASES: dict[str, tuple[tuple[str, ...], str]] = {
     "quantize pickle weights": (("quantize", "{root}/pickled", "-o", "q"), "--allow-pickle"),
     "eval pickle weights": (("eval", "{root}/pickled", "--data", "{text}"), "--allow-pickle"),
     "eval pickle reference": (E + ("--reference", "{root}/pickled"), "--allow-pickle"),
-    "export pickle weights": (("export", "{root}/pickled", "--to", "gguf", "-o", "m.gguf"), "pickled"),
+    "export pickle weights": (("export", "{root}/pickled", "--to", "gguf", "-o", "m.gguf"), "--allow-pickle"),
     "quantize code-running pickle with --allow-pickle": (("quantize", "{root}/runs_code", "-o", "q", "--allow-pickle"), "runs_code"),
     "eval code-running pickle with --allow-pickle": (("eval", "{root}/runs_code", "--data", "{text}", "--allow-pickle"), "runs_code"),
+    "export code-running pickle with --allow-pickle": (("export", "{root}/runs_code", "--to", "gguf", "-o", "m.gguf", "--allow-pickle"), "runs_code"),
     "quantize remote code": (("quantize", "{root}/remote_code", "-o", "q"), "remote_code"),
     "eval remote code": (("eval", "{root}/remote_code", "--data", "{text}"), "remote_code"),
     "export onnx remote code": (("export", "{root}/remote_code", "--to", "onnx", "-o", "m.onnx"), "remote_code"),
@@ -369,6 +370,24 @@ def test_allow_pickle_loads_plain_weights_as_safetensors_would(corpus_root, tmp_
     assert run_cli(capfd, "quantize", DEFAULT_MODEL, "-o", tmp_path / "s")[0] == 0
     a, b = load_file(str(tmp_path / "p" / "model.safetensors")), load_file(str(tmp_path / "s" / "model.safetensors"))
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    assert not (corpus_root / "PWNED").exists()
+
+
+def test_export_allow_pickle_writes_what_safetensors_would(corpus_root, tmp_path, capfd):
+    """`export --allow-pickle` of the bundled weights saved as pytorch_model.bin writes the same GGUF tensors
+    as the safetensors original (the pickle is read into a temporary safetensors copy, which is removed)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ("--to", "gguf", "--type", "q8_0", "--no-verify")
+    assert run_cli(capfd, "export", corpus_root / "pickled", "-o", out / "p.gguf", *args, "--allow-pickle")[0] == 0
+    assert run_cli(capfd, "export", DEFAULT_MODEL, "-o", out / "s.gguf", *args)[0] == 0
+    assert sorted(tree(out)) == ["p.gguf", "s.gguf"]  # no temporary left
+    read = lambda f: {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(str(f)).tensors}  # noqa: E731
+    a, b = read(out / "p.gguf"), read(out / "s.gguf")
+    assert len(a) == 47 and a.keys() == b.keys() and all(a[k] == b[k] for k in a)
     assert not (corpus_root / "PWNED").exists()
 
 

@@ -117,7 +117,7 @@ def _gguf_header_end(path: Path) -> int:
     return int(gguf.GGUFReader(str(path)).data_offset)
 
 
-def test_mutated_gguf(originals, tmp_path, capfd):
+def test_mutated_gguf(originals, tmp_path, capfd, llama_cpp):
     data = originals["gguf"].read_bytes()
     header_end = _gguf_header_end(originals["gguf"])
     cases = mutations(data, header_end, flips=8, cuts=3, seed=SEED)

@@ -16,7 +16,7 @@ from squeeze.modules import QuantLinear
 from squeeze.sources import source_tokenizer, validate_source
 
 pytest.importorskip("gguf")
-pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.usefixtures("llama_cpp")  # every test runs a file in llama.cpp (tests/conftest.py)
 pytest.importorskip("accelerate")
 
 

@@ -1,13 +1,13 @@
-"""llama.cpp runtime (through llama-cpp-python): logits of a GGUF file for token windows.
+"""llama.cpp runtime: logits of a GGUF file for token windows.
 
 Windows are evaluated exactly as given (no BOS is inserted), each from an empty KV cache, in one
 batch (n_batch >= the window), single-sequence and with a fixed thread count, so results are
-deterministic and follow the same protocol as the torch runtime.
+deterministic and follow the same protocol as the torch runtime. llama.cpp is reached through
+llama-cpp-python or llama-cpp-py-sync, whichever is installed (squeeze/eval/llamacpp_backends.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -15,13 +15,9 @@ import numpy as np
 import torch
 
 from squeeze.errors import SqueezeError
-from squeeze.optional import require
+from squeeze.eval.llamacpp_backends import quiet_stderr
 
 DEFAULT_CONTEXT = 2048
-
-
-def _import_llama_cpp():
-    return require("llama_cpp", "gguf", "llama-cpp-python")
 
 
 def gguf_metadata(path: Path) -> dict:
@@ -32,29 +28,15 @@ def gguf_metadata(path: Path) -> dict:
     return {k: f.contents() for k, f in fields.items() if not k.startswith("tokenizer.")}
 
 
-@contextlib.contextmanager
-def quiet_stderr():
-    """llama.cpp prints load logs from C to fd 2 even with verbose=False; silence them."""
-    try:
-        fd = os.dup(2)
-    except OSError:
-        yield
-        return
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(fd, 2)
-            os.close(fd)
-
-
 class LlamaCppRuntime:
-    """Runs a .gguf file in llama.cpp on the CPU."""
+    """Runs a .gguf file in llama.cpp on the CPU; ``backend`` names a binding (llamacpp_backends.BACKENDS),
+    by default the preferred one installed."""
 
     name = "llama.cpp"
 
-    def __init__(self, path: Path, tokenizer=None, n_threads: int | None = None):
+    def __init__(self, path: Path, tokenizer=None, n_threads: int | None = None, backend: str | None = None):
+        from squeeze.eval.llamacpp_backends import llama_cpp_backend
+
         self.path = Path(path)
         self.tokenizer = tokenizer
         self.size_bytes = self.path.stat().st_size
@@ -65,9 +47,10 @@ class LlamaCppRuntime:
         if arch is None:
             raise SqueezeError(f"{str(self.path)!r} is not a GGUF model (no general.architecture)")
         self.max_context = int(meta.get(f"{arch}.context_length") or DEFAULT_CONTEXT)
+        self.backend = llama_cpp_backend(backend)  # before any work: a missing binding is a one-line hint
         self._llm = None
         self._n_ctx = 0
-        self.vocab_size = self._model(min(self.max_context, DEFAULT_CONTEXT)).n_vocab()
+        self.vocab_size = self._model(min(self.max_context, DEFAULT_CONTEXT)).n_vocab
 
     @classmethod
     def from_path(cls, path: Path) -> "LlamaCppRuntime":
@@ -85,16 +68,9 @@ class LlamaCppRuntime:
         """The llama.cpp model with a context of at least ``n_ctx`` tokens (re-created if too small)."""
         if self._llm is not None and n_ctx <= self._n_ctx:
             return self._llm
-        llama_cpp = _import_llama_cpp()
         self._llm = None
         with quiet_stderr():
-            try:
-                self._llm = llama_cpp.Llama(
-                    str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,
-                    n_threads=self.n_threads, n_threads_batch=self.n_threads, seed=0,
-                )
-            except ValueError as e:
-                raise SqueezeError(f"llama.cpp could not load {str(self.path)!r}: {e}") from None
+            self._llm = self.backend.open(self.path, n_ctx, self.n_threads)
         self._n_ctx = n_ctx
         return self._llm
 
@@ -107,20 +83,19 @@ class LlamaCppRuntime:
         out = np.empty((b, length, self.vocab_size), dtype=np.float32)
         for i, row in enumerate(input_ids.tolist()):
             llm.reset()
-            llm.eval(row)
-            out[i] = llm.scores[:length]
+            out[i] = llm.decode(row)
         return torch.from_numpy(out)
 
     def generate(self, prompt_ids: list[int], n_tokens: int) -> list[int]:
         """Greedy continuation of ``prompt_ids`` (a smoke test that the file generates)."""
         llm = self._model(min(self.max_context, DEFAULT_CONTEXT))
         llm.reset()
-        llm.eval(prompt_ids)
+        last = llm.decode(list(prompt_ids))[-1]
         out = []
         for _ in range(n_tokens):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last))
             out.append(token)
-            llm.eval([token])
+            last = llm.decode([token])[-1]
         return out
 
 
@@ -135,4 +110,4 @@ class LlamaCppTokenizer:
             raise SqueezeError("the llama.cpp tokenizer takes one text at a time")
         llm = self._runtime._model(self._runtime._n_ctx or DEFAULT_CONTEXT)
         # add_bos=True adds BOS only where the vocabulary asks for it (tokenizer.ggml.add_bos_token).
-        return {"input_ids": llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=False)}
+        return {"input_ids": llm.tokenize(text, add_bos=add_special_tokens)}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import glob
-import importlib.util
 import os
 
 import numpy as np
@@ -45,13 +43,14 @@ def gguf():
 
 
 def _load_ggml():
+    from squeeze.errors import SqueezeError
+    from squeeze.eval.llamacpp_backends import llama_cpp_backend
+
     paths = [os.environ.get("GGML_BASE_LIB", "")]
-    try:
-        spec = importlib.util.find_spec("llama_cpp")  # locate the wheel without importing it
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.origin:
-        paths += sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "lib", "libggml-base.*")))
+    try:  # the libggml-base beside the libllama squeeze runs (llama-cpp-python's, else llama-cpp-py-sync's)
+        paths.append(str(llama_cpp_backend().ggml_base_library() or ""))
+    except SqueezeError:
+        pass
     for path in filter(None, paths):
         try:
             lib = ctypes.CDLL(path)
@@ -70,8 +69,8 @@ def ggml_quantize():
     """llama.cpp's quantizer: ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix=NULL)."""
     fn = _load_ggml()
     if fn is None:
-        pytest.skip("libggml-base (from llama-cpp-python, or $GGML_BASE_LIB) could not be loaded with "
-                    "ggml_quantize_chunk; install llama-cpp-python to compare against llama.cpp")
+        pytest.skip("libggml-base (from llama-cpp-python or llama-cpp-py-sync, or $GGML_BASE_LIB) could not be "
+                    "loaded with ggml_quantize_chunk; pip install 'squeeze-quant[gguf]' to compare against llama.cpp")
 
     def quantize(x: np.ndarray, name: str) -> np.ndarray:
         fmt = FORMATS[name]

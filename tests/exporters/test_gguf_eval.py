@@ -11,7 +11,7 @@ from squeeze import api
 from squeeze.model import load_tokenizer
 
 pytest.importorskip("gguf", reason="gguf-py is not installed (pip install 'squeeze-quant[gguf]')")
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'squeeze-quant[gguf]')")
+pytestmark = pytest.mark.usefixtures("llama_cpp")  # every test runs a file in llama.cpp (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from squeeze.modules import QuantLinear
 from squeeze.scheme import GGUFMix, get_scheme
 
 gguf = pytest.importorskip("gguf", reason="gguf-py is not installed (pip install 'squeeze-quant[gguf]')")
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'squeeze-quant[gguf]')")
+pytestmark = pytest.mark.usefixtures("llama_cpp")  # every test runs a file in llama.cpp (tests/conftest.py)
 
 BLOCK_SCHEMES = ["q4_1", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 
