@@ -81,18 +81,19 @@ class Cells:
         return row
 
 
-def method_config(method: str, scheme: str):
+def method_config(method: str, scheme: str, **options):
     from squeeze.passes.awq import AWQ
     from squeeze.passes.gptq import GPTQ
     from squeeze.passes.rtn import RTN
     from squeeze.scheme import get_scheme
 
-    return {"rtn": RTN, "gptq": GPTQ, "awq": AWQ}[method](scheme=get_scheme(scheme))
+    return {"rtn": RTN, "gptq": GPTQ, "awq": AWQ}[method](scheme=get_scheme(scheme), **options)
 
 
-def quantize_cell(model_dir: Path, out: Path, method: str, scheme: str, calib: CalibConfig) -> dict:
+def quantize_cell(model_dir: Path, out: Path, method: str, scheme: str, calib: CalibConfig, **options) -> dict:
+    """Wall time of the whole `squeeze quantize` job: load, calibrate, write the checkpoint."""
     start = time.perf_counter()
-    api.quantize_dir(model_dir, out, method_config(method, scheme), calib, overwrite=True)
+    api.quantize_dir(model_dir, out, method_config(method, scheme, **options), calib, overwrite=True)
     return {"quantize_seconds": time.perf_counter() - start}
 
 
@@ -154,9 +155,15 @@ def gguf_cells(cells: Cells, work: Path, model_dir: Path, text: Path, types, var
 LLMC_SCHEMES = ("w4g64",)  # llm-compressor groups need the row to divide: 576 = 9 x 64
 
 
+# squeeze's variants beside llm-compressor: its defaults, and its float32 calibration forwards (llm-compressor
+# computes in the model's dtype, float32 here)
+LLMC_OURS = {"squeeze": {}, "squeeze --calib-precision float32": {"calib_precision": "float32"}}
+
+
 def llmc_cells(cells: Cells, work: Path, model_dir: Path, text: Path, llmc_python: str) -> list[dict]:
     """llm-compressor's GPTQ (W4A16 groups of 64, act-order "static" like squeeze's default) and squeeze's
-    GPTQ defaults on the same 64 x 512 calibration windows, each scored by squeeze in torch."""
+    GPTQ on the same 64 x 512 calibration windows, each scored by squeeze in torch. llm-compressor's time is
+    its `oneshot` call; squeeze's the whole job (load, calibrate, write)."""
     import torch
     from safetensors.torch import load_file
 
@@ -181,19 +188,24 @@ def llmc_cells(cells: Cells, work: Path, model_dir: Path, text: Path, llmc_pytho
             return {"tool": f"llm-compressor {info['version']}", "scheme": scheme, "quantize_seconds": info["quant_s"],
                     "ppl": api.evaluate(model, text, ctx=CTX, tokenizer=source_tokenizer(model_dir), progress=False).ppl}
 
-        def ours(scheme=scheme):
+        def ours(scheme=scheme, tool="squeeze", options=None):
             out = work / f"gptq64-{scheme}"
-            row = quantize_cell(model_dir, out, "gptq", scheme, calib)
-            return {**row, "tool": "squeeze", "scheme": scheme,
-                    "ppl": api.evaluate(out, text, ctx=CTX, progress=False).ppl}
+            row = quantize_cell(model_dir, out, "gptq", scheme, calib, **(options or {}))
+            return {**row, "tool": tool, "scheme": scheme, "ppl": api.evaluate(out, text, ctx=CTX, progress=False).ppl}
 
-        rows += [cells.get(f"llmc-{scheme}", theirs), cells.get(f"squeeze-gptq64-{scheme}", ours)]
+        rows.append(cells.get(f"llmc-{scheme}", theirs))
+        for tool, options in LLMC_OURS.items():
+            key = "-".join(["squeeze-gptq64", scheme, *(f"{k}-{v}" for k, v in options.items())])
+            rows.append(cells.get(key, lambda tool=tool, options=options: ours(tool=tool, options=options)))
     return rows
 
 
 def llmc_table(rows: list[dict]) -> str:
-    lines = ["| scheme | tool | ppl | quantize s |", "|---|---|---|---|"]
-    lines += [f"| {r['scheme']} | {r['tool']} | {r['ppl']:.3f} | {r['quantize_seconds']:.0f} |" for r in rows]
+    lines = ["| scheme | tool | ppl | quantize s | time / llm-compressor's |", "|---|---|---|---|---|"]
+    for r in rows:
+        theirs = next(t for t in rows if t["scheme"] == r["scheme"] and t["tool"].startswith("llm-compressor"))
+        lines.append(f"| {r['scheme']} | {r['tool']} | {r['ppl']:.3f} | {r['quantize_seconds']:.0f} "
+                     f"| {r['quantize_seconds'] / theirs['quantize_seconds']:.2f} |")
     return "\n".join(lines)
 
 
@@ -241,7 +253,7 @@ def gguf_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", choices=("all", "int", "gguf", "speed", "llmc"), default="all")
+    ap.add_argument("--cells", nargs="+", choices=("all", "int", "gguf", "speed", "llmc"), default=["all"])
     ap.add_argument("--llmc-python", default=None,
                     help="interpreter with llmcompressor (see bench/quality.py for its environment); without it "
                          "the llm-compressor comparison is left out")
@@ -259,15 +271,15 @@ def main(argv=None) -> int:
     smollm2_gguf()
     model_dir, text = smollm2_dir(), wikitext_lines(EVAL_LINES)
     sections = []
-    if args.cells in ("all", "int"):
+    if {"all", "int"} & set(args.cells):
         sections.append("## Integer grids (squeeze eval in torch)\n\n" + int_table(int_cells(cells, work, model_dir, text, args.methods, args.schemes), args.schemes))
-    if args.cells in ("all", "gguf"):
+    if {"all", "gguf"} & set(args.cells):
         sections.append("## GGUF (llama-perplexity on each file)\n\n"
                         + gguf_table(gguf_cells(cells, work, model_dir, text, args.types, args.variants)))
-    if args.cells in ("all", "llmc") and args.llmc_python:
+    if {"all", "llmc"} & set(args.cells) and args.llmc_python:
         sections.append("## GPTQ beside llm-compressor (same 64 x 512 calibration windows, torch perplexity)\n\n"
                         + llmc_table(llmc_cells(cells, work, model_dir, text, args.llmc_python)))
-    if args.cells in ("all", "speed"):
+    if {"all", "speed"} & set(args.cells):
         s = speed_cell(cells, work, model_dir, text)
         sections.append("## Evaluation speed (fp32, whole commands, one run)\n\n"
                         "| command | wall s |\n|---|---|\n"
