@@ -128,7 +128,8 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     with _replaying(block, inputs, None) as start, dequantize_once(block):
         for i in range(len(inputs)):
             start(i)
-            outputs.append(_block_output(inputs.forward(block, i)))
+            # the stream between blocks keeps its dtype whatever the forward computed in
+            outputs.append(_block_output(inputs.forward(block, i)).to(inputs.hidden[i].dtype))
     return outputs
 
 

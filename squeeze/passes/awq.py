@@ -21,9 +21,9 @@ from squeeze.errors import SqueezeError
 from squeeze.grid import WeightGrid, grid_for, quantize_rtn
 from squeeze.model import linear_weight
 from squeeze.passes.common import install_rounded, select_layers
-from squeeze.precision import check_calib_precision
 from squeeze.passes.gptq_core import HessianAccumulator, check_shrink, output_rel_error, shrink_to_diagonal
 from squeeze.passes.scaling import fold_scales, mappings_for, relative_names, resolve
+from squeeze.precision import check_calib_precision
 from squeeze.registry import register_pass
 from squeeze.runner import BlockInputs, collect_inputs, groups_by_shared_input, run_sequential
 from squeeze.scheme import GGUFMix, QuantScheme, get_scheme

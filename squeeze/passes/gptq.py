@@ -16,11 +16,11 @@ from torch import nn
 from squeeze.errors import SqueezeError
 from squeeze.grid import grid_for
 from squeeze.model import linear_weight
-from squeeze.precision import check_calib_precision
 from squeeze.passes.common import replace_with_quant_linear, select_layers
 from squeeze.passes.gptq_core import (CrossAccumulator, GPTQResult, HessianAccumulator, check_shrink,
                                      float_target_weight,
                                      gptq_quantize, output_rel_error)
+from squeeze.precision import check_calib_precision
 from squeeze.registry import register_pass
 from squeeze.runner import BlockInputs, collect_inputs, collect_paired_inputs, groups_by_shared_input, run_sequential
 from squeeze.scheme import GGUFMix, QuantScheme, get_scheme
