@@ -88,7 +88,8 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--calib-precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
               help="gptq/awq: arithmetic of the calibration forwards; statistics and solver stay float32 "
-                   "[auto: bfloat16 matmuls for a float32 model where the CPU has them natively, else float32].")
+                   "(auto: bfloat16 matmuls for a float32 model where the CPU has them natively, else float32) "
+                   "[gptq auto, awq float32].")
 @click.option("--damp", type=float, default=None, help="gptq: dampening, a fraction of the mean Hessian diagonal [0.01].")
 @click.option("--block-size", type=int, default=None, help="gptq: columns per lazy-batch update [128].")
 @click.option("--act-order/--no-act-order", default=None,

@@ -50,7 +50,9 @@ class AWQ:
     weighted rounding and each scale is judged on the grid it will really get: 12.5% -> 40% there.
     ``clip`` (off by default): with the weighted fit and shrink 1 it repeats the fit's own range search on the
     same objective (measured: 37.95 with it, 37.90 without).
-    ``calib_precision``: the arithmetic of the calibration forwards, as for GPTQ (`squeeze.precision`).
+    ``calib_precision``: the arithmetic of the calibration forwards, as for GPTQ (`squeeze.precision`). Default
+    float32: AWQ's time is its scale search, not its one forward pass per block, and its discrete scale
+    choices moved with bfloat16 forwards (SmolLM2 w4g128, 128 x 512: 37.85 against 37.47 in float32).
     """
 
     scheme: QuantScheme | GGUFMix = field(default_factory=lambda: get_scheme("w4g128"))
@@ -64,7 +66,7 @@ class AWQ:
     shrink: float = 1.0
     weighted_fit: bool = True
     device: str | None = None
-    calib_precision: str = "auto"
+    calib_precision: str = "float32"
 
     def __post_init__(self) -> None:
         check_shrink(self.shrink)
