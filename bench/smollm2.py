@@ -300,8 +300,9 @@ the grids below differ from it. Evaluation: the first 300 lines of the WikiText-
 tokens), windows of 512. Calibration: the bundled calibration corpus (children's stories sampled from
 stories260K, far from Wikipedia: a harsh test of calibration), for squeeze and llama-imatrix alike;
 integer grids with squeeze's default 128 windows of 512 tokens, GGUF types with 64 windows for squeeze
-and 64 chunks of 512 for llama-imatrix. squeeze runs at its defaults: on a CPU with AVX512-BF16 (this one)
-its calibration forwards compute in bfloat16 (`--calib-precision auto`; statistics and solver in float32).
+and 64 chunks of 512 for llama-imatrix. squeeze runs at its defaults: GPTQ's calibration forwards compute in
+bfloat16 on a CPU with AVX512-BF16 such as this one (`--calib-precision auto`; statistics and solver in
+float32), AWQ's in float32.
 
 {sections}
 """
