@@ -131,12 +131,9 @@ def _notes(mix: Mix, plans: list[TensorPlan], source: ModelSource) -> list[str]:
 
 def export_gguf(src: Path, out: Path, config: GGUFExport, overwrite: bool = False) -> Artifact:
     """Write the model directory ``src`` (or a GGUF file, re-quantized with its own vocabulary) to ``out``."""
-    from squeeze.eval.llamacpp_backends import llama_cpp_backend
     from squeeze.sources import as_model_dir, is_gguf
 
     _require_gguf()
-    if config.verify:  # no llama.cpp to verify with is reported before any work, not after the file is written
-        llama_cpp_backend().load()
     with as_model_dir(src, out.parent) as model_dir:
         return _export_dir(model_dir, out, config, overwrite, gguf_vocab(src) if is_gguf(src) else None)
 
@@ -153,6 +150,10 @@ def _export_dir(model_dir: Path, out: Path, config: GGUFExport, overwrite: bool,
     for note in notes:
         if note.startswith("warning:"):
             log.warning(note)
+    if config.verify:  # no llama.cpp to verify with: said after the input checks, before the file is written
+        from squeeze.eval.llamacpp_backends import llama_cpp_backend
+
+        llama_cpp_backend().load()
     verification = None
     with atomic_output_file(out, overwrite) as tmp:
         write_gguf(tmp, spec, hp, mix, vocab, plans, source)
