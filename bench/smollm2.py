@@ -127,7 +127,7 @@ def gguf_cells(cells: Cells, work: Path, model_dir: Path, text: Path, types, var
               "-o", imatrix, "-t", THREADS])
         return {"chunks": NSAMPLES}
 
-    imatrix_row = cells.get("imatrix", make_imatrix)
+    imatrix_row = cells.get("imatrix", make_imatrix) if "llama.cpp+imatrix" in variants else None
     for qtype in types:
         for variant in variants:
             def measure(qtype=qtype, variant=variant):
