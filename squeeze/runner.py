@@ -199,6 +199,16 @@ def block_layers(layers: dict[str, nn.Module], blocks_name: str, n_blocks: int) 
     return per_block
 
 
+def calibration_device(requested: torch.device | str | None, home: torch.device) -> torch.device:
+    """Where blocks are calibrated: ``requested``, else CUDA when present for a model held on the CPU (one block
+    is moved there at a time and back), else where the model is."""
+    if requested is not None:
+        return torch.device(requested)
+    if home.type == "cpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return home
+
+
 # (block name prefix such as "model.layers.3.", the block, its selected layers by full name, its inputs) -> records
 ProcessBlock = Callable[[str, nn.Module, dict[str, nn.Module], BlockInputs], dict[str, dict]]
 
@@ -231,7 +241,7 @@ def run_sequential(
     blocks_name, blocks = found
     per_block = block_layers(layers, blocks_name, len(blocks))
     home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
+    device = calibration_device(device, home)
     inputs = capture_block_inputs(model, blocks[0], calib.input_ids, device)
     inputs.autocast = calib_autocast(precision, device, next(model.parameters()).dtype)
     if track_float:

@@ -194,3 +194,16 @@ def test_replaying_unchanged_modules_changes_nothing(tiny_models, family, method
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     if method == "gptq":
         assert max(served) > 0
+
+
+def test_calibration_device_prefers_cuda_for_a_cpu_model(monkeypatch):
+    """One block at a time on CUDA when present (the model stays where it is), unless a device is given."""
+    from squeeze.runner import calibration_device
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert calibration_device(None, cpu) == torch.device("cuda")
+    assert calibration_device("cpu", cpu) == cpu
+    assert calibration_device(None, torch.device("cuda", 1)) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert calibration_device(None, cpu) == cpu
