@@ -111,10 +111,13 @@ class HessianAccumulator:
     def _sums(self) -> tuple[torch.Tensor, ...]:
         return (self._gram, self.energy)
 
-    def add(self, x: torch.Tensor) -> None:
-        (x,) = self._scaled(x)
+    def _add_gram(self, x: torch.Tensor) -> None:
         add_gram_upper(self._gram, x)
         self._mirrored = False
+
+    def add(self, x: torch.Tensor) -> None:
+        (x,) = self._scaled(x)
+        self._add_gram(x)
 
 
 class CrossAccumulator(HessianAccumulator):
@@ -130,8 +133,7 @@ class CrossAccumulator(HessianAccumulator):
 
     def add_pair(self, x: torch.Tensor, x_ref: torch.Tensor) -> None:
         x, x_ref = self._scaled(x, x_ref)
-        add_gram_upper(self._gram, x)
-        self._mirrored = False
+        self._add_gram(x)
         self.cross.addmm_(x_ref.t(), x)
 
 
