@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from squeeze import __version__
 from squeeze.calib import SELF, CalibConfig, CalibrationSet, load_calibration, read_text, tokenize_stream
 from squeeze.checkpoint import gptq as ckpt
+from squeeze.checkpoint.record import checkpoint_metadata, checkpoint_scheme
+from squeeze.checkpoint.shards import shard_limit
 from squeeze.errors import SqueezeError
 from squeeze.exporters import OUTPUT_SUFFIXES, Artifact, get_exporter
 from squeeze.eval.evaluate import EvalResult, choose_context, evaluate_tokens
@@ -97,18 +97,6 @@ def _load_unchecked(path: str | Path, dtype: str | None, allow_pickle: bool) -> 
     return ckpt.load_into(model, p, scheme, layer_schemes)
 
 
-def _checkpoint_scheme(layers: dict[str, QuantLinear], recipe):
-    """The checkpoint's scheme: the layers' one grid, or the GGUF mix that gave them several GGUF types."""
-    schemes = {m.scheme.with_(activations=None) for m in layers.values()}
-    if len(schemes) == 1:
-        return next(iter(layers.values())).scheme
-    mixes = [p.scheme for p in _as_recipe(recipe).passes if isinstance(p.scheme, GGUFMix)] if recipe else []
-    if mixes and all(s.gguf is not None for s in schemes):
-        return mixes[-1]
-    raise SqueezeError(f"one checkpoint holds one weight grid or one GGUF mix (--scheme q4_k_m, with the recipe "
-                       f"passed to save); the model mixes {sorted(s.name for s in schemes)}")
-
-
 def save(
     model: nn.Module,
     out: str | Path,
@@ -118,34 +106,28 @@ def save(
     calib: CalibrationSet | None = None,
     records: dict | None = None,
     overwrite: bool = False,
+    max_shard_size: str | int | None = None,
 ) -> Path:
-    """Write a quantized model as a GPTQ-layout checkpoint directory, atomically."""
+    """Write a quantized model as a GPTQ-layout checkpoint directory, atomically (in shards of at most
+    ``max_shard_size``, e.g. "2GB"; default 5GB)."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise SqueezeError("the model has no quantized layers to save; run squeeze.quantize first")
-    scheme = _checkpoint_scheme(layers, recipe)
+    layer_schemes = {n: m.scheme for n, m in layers.items()}
+    passes = _as_recipe(recipe).passes if recipe is not None else ()
+    scheme = checkpoint_scheme(layer_schemes, passes)
+    shard_bytes = shard_limit(max_shard_size)
     source_path = Path(source) if source is not None else None
     recipe_dict = _as_recipe(recipe).to_dict() if recipe is not None else None
-    layer_meta = {}
-    for name, m in layers.items():
-        layer_meta[name] = {**(records or {}).get(name, {}), "scheme": m.scheme.name, "scheme_dict": m.scheme.to_dict()}
-    metadata = {
-        "squeeze_version": __version__,
-        "method": recipe_dict["passes"][-1]["method"] if recipe_dict else None,
-        "scheme": scheme.to_dict(),
-        "recipe": recipe_dict,
-        "calibration": {"source": calib.source, "sha256": calib.sha256, "shape": list(calib.input_ids.shape)}
-        if calib is not None
-        else None,
-        "source_model": {"path": str(source_path), "sha256": source_hash(source_path)} if source_path else None,
-        "created_unix": int(time.time()),
-        "layers": layer_meta,
-    }
+    metadata = checkpoint_metadata(scheme, layer_schemes, records, recipe_dict, calib, source_path,
+                                   source_hash(source_path) if source_path else None)
     target = check_output_path(out, overwrite, inputs=(source_path,))
     with atomic_output_dir(target, overwrite) as tmp:
         desc_act = not all(m.has_ordered_groups() for m in layers.values())  # act-order without static groups
         from_gguf = source_path is not None and is_gguf(source_path)
-        ckpt.write_checkpoint(model, tmp, scheme, metadata, None if from_gguf else source_path, desc_act=desc_act)
+        source_dir = None if from_gguf else source_path
+        config = ckpt.checkpoint_config(model, source_dir, scheme, layer_schemes, desc_act)
+        ckpt.write_checkpoint(tmp, ckpt.checkpoint_state(model).items(), config, metadata, source_dir, shard_bytes)
         if from_gguf:  # the GGUF file's own tokenizer, written as Hugging Face files
             source_tokenizer(source_path).save_pretrained(tmp)
     return target
@@ -159,8 +141,27 @@ def quantize_dir(
     dtype: str | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    *,
+    max_shard_size: str | int | None = None,
+    resume: str = "auto",
+    offload_activations: str | Path | None = None,
+    notify=None,
 ) -> Path:
-    """Load a model directory (or GGUF file), quantize it with ``config``, and write the checkpoint to ``out``."""
+    """Quantize a model directory (or GGUF file) with ``config`` and write the checkpoint to ``out``.
+
+    A directory of safetensors weights is quantized one transformer block at a time (`squeeze.stream`):
+    memory grows with one block, not the model, and ``resume`` ("auto": when an interrupted run of the same
+    inputs left its journal; "require"; "never") continues a killed run. Other sources load whole.
+    ``offload_activations``: a directory to keep the calibration activations in (else memory, or the
+    temporary output once they would take a quarter of the available memory).
+    ``notify(message)`` hears what the user should know (resuming, loading whole and why).
+    """
+    from squeeze.stream import RESUME_MODES, StreamUnavailable, quantize_streamed
+
+    if resume not in RESUME_MODES:
+        raise SqueezeError(f"resume must be one of {', '.join(RESUME_MODES)}, got {resume!r}")
+    notify = notify or (lambda message: None)
+    shard_bytes = shard_limit(max_shard_size)
     src = validate_source(model_path, allow_pickle)
     calib = calib or CalibConfig()
     check_output_path(out, overwrite, inputs=(src, None if calib.path == SELF else calib.path))
@@ -169,11 +170,20 @@ def quantize_dir(
     calib_set = None
     if needs_calibration and calib.path != SELF:  # a bad calibration file is reported before the model loads
         calib_set = load_calibration(source_tokenizer(src), calib)
+    if not is_gguf(src) and (calib_set is not None or not needs_calibration):
+        try:
+            return quantize_streamed(src, Path(out), recipe, calib_set, _resolve_dtype(dtype), overwrite, resume,
+                                     shard_bytes, notify, offload_activations)
+        except StreamUnavailable as e:
+            notify(f"loading {str(src)!r} whole: {e}")
+    if resume == "require":
+        raise SqueezeError("--resume needs a model directory of safetensors weights quantized block by block")
     model = load(src, dtype, allow_pickle)
     if needs_calibration and calib_set is None:
         calib_set = load_calibration(source_tokenizer(src), calib, model=model)
     records = quantize(model, recipe, calib_set)
-    return save(model, out, recipe, source=src, calib=calib_set, records=records, overwrite=overwrite)
+    return save(model, out, recipe, source=src, calib=calib_set, records=records, overwrite=overwrite,
+                max_shard_size=shard_bytes)
 
 
 def export(model: str | Path, fmt: str, output: str | Path, overwrite: bool = False, allow_pickle: bool = False,

@@ -116,14 +116,24 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--alpha", type=float, default=None, help="smoothquant: migration strength in [0, 1] [0.5].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe (overrides method/scheme flags).")
+@click.option("--max-shard-size", default=None,
+              help="Largest weight file of the checkpoint (e.g. 2GB); more are written as shards with an index [5GB].")
+@click.option("--resume/--no-resume", default=None,
+              help="Continue an interrupted run of the same command (default: whenever one is found); --resume "
+                   "fails if there is none, --no-resume starts over.")
+@click.option("--offload-activations", type=click.Path(path_type=Path), default=None,
+              help="Keep the calibration activations in this directory, not in memory (by default they go to disk "
+                   "on their own once they would take a quarter of the available memory).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @ALLOW_PICKLE
 def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
              ignore, calib, nsamples, seqlen, seed, calib_precision, damp, block_size, act_order, static_groups, token_cap, weighted_fit,
-             uncapped_fit, clip, shrink, float_target, alpha, dtype, recipe, overwrite, allow_pickle) -> None:
+             uncapped_fit, clip, shrink, float_target, alpha, dtype, recipe, max_shard_size, resume,
+             offload_activations, overwrite, allow_pickle) -> None:
     """Quantize MODEL (a Hugging Face model directory or a GGUF file) into a checkpoint at OUTPUT."""
     from squeeze import api
     from squeeze.calib import SELF, CalibConfig
+    from squeeze.checkpoint.shards import shard_limit
     from squeeze.fsutil import check_output_path
     from squeeze.recipe import Recipe
     from squeeze.registry import get_pass
@@ -159,7 +169,13 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
         entry = get_pass(method)
         config = entry.config_cls(scheme=qscheme, targets=tuple(targets) or None, ignore=tuple(ignore), **options)
     calib_config = CalibConfig(calib, nsamples, seqlen, seed)
-    out = api.quantize_dir(model, output, config, calib_config, dtype, overwrite, allow_pickle)
+    shard_limit(max_shard_size)
+    if offload_activations is not None and not offload_activations.is_dir():
+        raise SqueezeError(f"--offload-activations {str(offload_activations)!r} is not a directory")
+    out = api.quantize_dir(model, output, config, calib_config, dtype, overwrite, allow_pickle,
+                           max_shard_size=max_shard_size, resume={None: "auto", True: "require", False: "never"}[resume],
+                           offload_activations=offload_activations,
+                           notify=lambda message: click.echo(message, err=True))
     click.echo(f"wrote {out}", err=True)
 
 

@@ -182,9 +182,33 @@ def _atomic_output(out: Path, overwrite: bool, make_temp):
             raise
 
 
-def atomic_output_dir(out: Path, overwrite: bool):
-    """Yield an empty temporary directory beside ``out``; on success it replaces ``out``."""
-    return _atomic_output(out, overwrite, lambda parent, name: _new_temp_dir(parent, name, "tmp"))
+def atomic_output_dir(out: Path, overwrite: bool, reuse: Path | None = None):
+    """Yield an empty temporary directory beside ``out`` (or ``reuse``, a dead run's temporary of the same
+    output, taken over under this run's name); on success it replaces ``out``."""
+    def make_temp(parent: Path, name: str) -> Path:
+        if reuse is None:
+            return _new_temp_dir(parent, name, "tmp")
+        tmp = parent / _temp_name(name, "tmp")
+        reuse.rename(tmp)  # atomic: two runs cannot both take it over
+        remove_dead_temporaries(parent)
+        return tmp
+
+    return _atomic_output(out, overwrite, make_temp)
+
+
+def dead_temporaries(out: Path) -> list[Path]:
+    """Temporary outputs (``.NAME.tmp-...`` directories) of ``out`` left by runs that died on this host."""
+    out = Path(os.path.abspath(out))
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        m = _dead_owner(entry)
+        if m is not None and m["kind"] == "tmp" and m["label"] == out.name and entry.is_dir():
+            found.append(entry)
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def atomic_output_file(out: Path, overwrite: bool):

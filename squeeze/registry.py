@@ -16,7 +16,7 @@ from squeeze.errors import SqueezeError
 class PassEntry:
     name: str
     config_cls: type
-    apply: Callable  # (model, config, calib) -> dict of per-layer records
+    apply: Callable  # (model, config, calib, io=None) -> dict of per-layer records (io: squeeze.runner.BlockIO)
     needs_calibration: Callable  # (config) -> bool
 
 

@@ -14,9 +14,10 @@ generic fallback); the linears of a block are those `select_linears` chose.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+import time
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from squeeze.errors import SqueezeError
 from squeeze.model import find_blocks
 from squeeze.modules import dequantize_once
+from squeeze.offload import OffloadedBatches
 from squeeze.precision import calib_autocast
 from squeeze.replay import BlockReplay
 
@@ -85,9 +87,11 @@ def _block_output(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor, device) -> BlockInputs:
-    """Run the model on ``input_ids`` up to its first block and keep what that block is called with."""
-    captured = BlockInputs()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor, device,
+                         hidden=None) -> BlockInputs:
+    """Run the model on ``input_ids`` up to its first block and keep what that block is called with (the hidden
+    states appended to ``hidden`` when given: `squeeze.offload.OffloadedBatches`)."""
+    captured = BlockInputs() if hidden is None else BlockInputs(hidden=hidden)
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -122,14 +126,18 @@ def _replaying(block: nn.Module, inputs: BlockInputs, observed: set[nn.Module] |
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """The block's output hidden states for every captured batch."""
-    outputs = []
+def run_block(block: nn.Module, inputs: BlockInputs, in_place: bool = False) -> list[torch.Tensor]:
+    """The block's output hidden states for every captured batch (``in_place``: written over the inputs)."""
+    if in_place:
+        outputs = inputs.hidden
+    else:
+        outputs = inputs.hidden.sibling() if isinstance(inputs.hidden, OffloadedBatches) else [None] * len(inputs)
+    stream_dtype = inputs.hidden[0].dtype if len(inputs) else None
     with _replaying(block, inputs, None) as start, dequantize_once(block):
         for i in range(len(inputs)):
             start(i)
             # the stream between blocks keeps its dtype whatever the forward computed in
-            outputs.append(_block_output(inputs.forward(block, i)).to(inputs.hidden[i].dtype))
+            outputs[i] = _block_output(inputs.forward(block, i)).to(stream_dtype)
     return outputs
 
 
@@ -213,6 +221,44 @@ def calibration_device(requested: torch.device | str | None, home: torch.device)
 ProcessBlock = Callable[[str, nn.Module, dict[str, nn.Module], BlockInputs], dict[str, dict]]
 
 
+class BlockIO(Protocol):
+    """Where blocks come from and go to when the model is not held in memory (`squeeze.stream`): the runner
+    asks for each block before it and hands it back after; blocks a resumed run already finished are only run."""
+
+    def finished(self, index: int) -> bool: ...
+
+    def load(self, index: int, block: nn.Module, finished: bool) -> None:
+        """Fill ``block``'s weights: the finished (quantized) ones, or the ones this pass starts from."""
+
+    def done(self, index: int, prefix: str, block: nn.Module, records: dict[str, dict] | None) -> None:
+        """``block`` is through (``records`` None: it was finished before); keep what is new, free its weights."""
+
+    def outside_blocks(self) -> AbstractContextManager:
+        """The modules outside the blocks, in memory for the capture of the first block's inputs."""
+
+    def activations(self, tokens: int, streams: int, device: torch.device) -> OffloadedBatches | None:
+        """Where ``streams`` hidden-state streams of ``tokens`` calibration tokens are kept: on disk, or None
+        (in memory)."""
+
+
+@torch.no_grad()
+def advance(block: nn.Module, inputs: BlockInputs) -> None:
+    """Replace each batch's hidden states by the block's output, batch by batch: the activations stay one buffer."""
+    run_block(block, inputs, in_place=True)
+
+
+def _find_blocks(model: nn.Module, desc: str) -> tuple[str, nn.ModuleList]:
+    found = find_blocks(model)
+    if found is None:
+        raise SqueezeError(f"{desc}: cannot find the transformer blocks of {type(model).__name__}; "
+                           "add its block list to squeeze.model.BLOCK_PATHS")
+    return found
+
+
+def _progress(bar, blocks_name: str, index: int, tokens: int, seconds: float) -> None:
+    bar.set_postfix_str(f"{blocks_name}.{index} done, {tokens / max(seconds, 1e-9):,.0f} tok/s")
+
+
 @torch.no_grad()
 def run_sequential(
     model: nn.Module,
@@ -223,46 +269,81 @@ def run_sequential(
     desc: str = "calibrate",
     track_float: bool = False,
     precision: str = "float32",
+    io: BlockIO | None = None,
+    feed_float: bool = False,
 ) -> dict[str, dict]:
     """Calibrate ``model`` block by block; ``process_block(prefix, block, its layers, inputs)`` returns records.
 
     ``process_block`` quantizes the block in place (replacing its layers in
-    ``model``); the runner then feeds the quantized block's outputs forward.
+    ``model``); the runner then feeds the quantized block's outputs forward (``feed_float``: the float
+    block's, computed before ``process_block`` changes it).
     ``track_float`` also carries the float model's hidden states (``inputs.reference``) and hands
     ``process_block`` a float copy of each block (``inputs.reference_block``): one more block pass each.
     ``precision``: the arithmetic of the block forwards (`squeeze.precision`; statistics stay float32).
+    ``io``: blocks are loaded before and given back after (a streamed model); None: they are all in memory.
     """
     if calib is None:
         raise SqueezeError(f"{desc} needs calibration data (--calib FILE, or --calib self)")
-    found = find_blocks(model)
-    if found is None:
-        raise SqueezeError(f"{desc}: cannot find the transformer blocks of {type(model).__name__}; "
-                           "add its block list to squeeze.model.BLOCK_PATHS")
-    blocks_name, blocks = found
+    blocks_name, blocks = _find_blocks(model, desc)
     per_block = block_layers(layers, blocks_name, len(blocks))
-    home = next(model.parameters()).device
-    device = calibration_device(device, home)
-    inputs = capture_block_inputs(model, blocks[0], calib.input_ids, device)
+    with io.outside_blocks() if io is not None else nullcontext():
+        home = next(model.parameters()).device
+        device = calibration_device(device, home)
+        store = io.activations(calib.input_ids.numel(), 2 if track_float else 1, device) if io is not None else None
+        inputs = capture_block_inputs(model, blocks[0], calib.input_ids, device, store)
     inputs.autocast = calib_autocast(precision, device, next(model.parameters()).dtype)
     if track_float:
-        inputs.reference = list(inputs.hidden)
+        inputs.reference = store.copy("reference") if store is not None else list(inputs.hidden)
     records: dict[str, dict] = {}
     bar = tqdm(range(len(blocks)), desc=desc, unit="block", leave=False)
     for index in bar:
+        started = time.perf_counter()
+        finished = io is not None and io.finished(index)
+        if io is not None:
+            io.load(index, blocks[index], finished=finished and not track_float)
         block = blocks[index].to(device)
         if track_float:
             inputs.reference_block = copy.deepcopy(block)
-        inputs.replay = BlockReplay(block)
-        if per_block[index]:
-            records.update(process_block(f"{blocks_name}.{index}.", block, per_block[index], inputs))
-        inputs.hidden = run_block(block, inputs)
-        inputs.replay = None
+            if finished:
+                io.load(index, block, finished=True)
+        block_records = None
+        if not finished:
+            if feed_float:
+                outputs = run_block(block, inputs)
+            inputs.replay = BlockReplay(block)
+            block_records = process_block(f"{blocks_name}.{index}.", block, per_block[index], inputs) \
+                if per_block[index] else {}
+            records.update(block_records)
+            inputs.replay = None
+        if feed_float and not finished:
+            inputs.hidden = outputs
+        else:
+            advance(block, inputs)
         if track_float:
             reference = BlockInputs(inputs.reference, inputs.args, inputs.kwargs, autocast=inputs.autocast)
-            inputs.reference = run_block(inputs.reference_block, reference)
+            advance(inputs.reference_block, reference)
             inputs.reference_block = None
         block.to(home)
-        bar.set_postfix_str(f"{blocks_name}.{index} done")
+        if io is not None:
+            io.done(index, f"{blocks_name}.{index}.", block, block_records)
+        _progress(bar, blocks_name, index, calib.input_ids.numel(), time.perf_counter() - started)
+    return records
+
+
+def run_blockwise(model: nn.Module, layers: dict[str, nn.Module], process_block: ProcessBlock, io: BlockIO,
+                  desc: str) -> dict[str, dict]:
+    """Like `run_sequential` with no calibration data (``inputs`` None): each block loaded, processed, given back."""
+    blocks_name, blocks = _find_blocks(model, desc)
+    per_block = block_layers(layers, blocks_name, len(blocks))
+    records: dict[str, dict] = {}
+    for index in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
+        if io.finished(index):
+            io.done(index, f"{blocks_name}.{index}.", blocks[index], None)
+            continue
+        io.load(index, blocks[index], finished=False)
+        block_records = process_block(f"{blocks_name}.{index}.", blocks[index], per_block[index], None)
+        records.update(block_records)
+        io.done(index, f"{blocks_name}.{index}.", blocks[index], block_records)
     return records
 
 

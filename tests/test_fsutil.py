@@ -167,5 +167,5 @@ def test_a_real_checkpoint_gets_umask_modes(stories_dir, tmp_path):
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == dict.fromkeys(
-        ["config.json", "model.safetensors", "squeeze.json", "tokenizer.json", "tokenizer.model",
+        ["config.json", "model.safetensors", "squeeze-run.json", "squeeze.json", "tokenizer.json", "tokenizer.model",
          "tokenizer_config.json"], 0o644)

@@ -26,16 +26,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from squeeze.checkpoint.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, ShardedReader, model_weight_files
 from squeeze.errors import SqueezeError
 from squeeze.model import TOKENIZER_FILES, is_linear, linear_weight, set_submodule
 from squeeze.modules import QuantLinear
 from squeeze.primitives import pack_rows, unpack_rows
 from squeeze.scheme import QuantScheme, get_scheme
 
-WEIGHTS_NAME = "model.safetensors"
 METADATA_NAME = "squeeze.json"
 
 
@@ -76,46 +75,63 @@ def quantization_config(scheme, desc_act: bool = False, gguf_blocks: bool = Fals
     }
 
 
-def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor to save: packed quantized layers plus the remaining float state (tied copies once)."""
+def checkpoint_state(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor to save, in the model's own order: each quantized layer's packed tensors where its
+    buffers are, the remaining float state as it is (tied copies once). ``prefix`` goes before every name
+    (a block's tensors under their names in the whole model)."""
+    quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     state: dict[str, torch.Tensor] = {}
-    quant_prefixes = []
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            quant_prefixes.append(name + ".")
-            for key, t in _layer_tensors(module).items():
-                state[f"{name}.{key}"] = t
     seen: set[int] = set()
-    for key, t in model.state_dict().items():
-        if any(key.startswith(p) for p in quant_prefixes):
+    packed_layers: set[str] = set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        owner = key.rpartition(".")[0]
+        if owner in quant:
+            if owner not in packed_layers:
+                packed_layers.add(owner)
+                for local, packed in _layer_tensors(quant[owner]).items():
+                    state[f"{prefix}{owner}.{local}"] = packed
             continue
-        if t.data_ptr() in seen:  # a tied weight (lm_head sharing the embedding): stored once
+        identity = t.data_ptr() if t.device.type != "meta" else id(t)
+        if identity in seen:  # a tied weight (lm_head sharing the embedding): stored once
             continue
-        seen.add(t.data_ptr())
-        state[key] = t
+        seen.add(identity)
+        state[prefix + key] = t
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def write_checkpoint(
-    model: nn.Module,
-    out: Path,
-    scheme,
-    metadata: dict,
-    source_dir: Path | None,
-    desc_act: bool = False,
-) -> None:
-    """Write the checkpoint files into the (empty, temporary) directory ``out``."""
-    save_file(checkpoint_state(model), str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+def checkpoint_config(model: nn.Module | None, source_dir: Path | None, scheme, layer_schemes: dict,
+                      desc_act: bool) -> dict:
+    """config.json of the checkpoint: the source's (or the model's) with its quantization_config."""
     if source_dir is not None and (source_dir / "config.json").is_file():
         config = json.loads((source_dir / "config.json").read_text())
-    elif getattr(model, "config", None) is not None:
+    elif model is not None and getattr(model, "config", None) is not None:
         config = model.config.to_dict()
     else:
         config = {}
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    gguf_form = (any(m.gguf_blocks is not None for m in layers)
-                 or len({m.scheme.with_(activations=None) for m in layers}) > 1)
+    schemes = set(s.with_(activations=None) for s in layer_schemes.values())
+    gguf_form = any(s.gguf_blocks for s in schemes) or len(schemes) > 1
     config["quantization_config"] = quantization_config(scheme, desc_act, gguf_form)
+    return config
+
+
+def write_checkpoint(
+    out: Path,
+    tensors,
+    config: dict,
+    metadata: dict,
+    source_dir: Path | None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Write the checkpoint files into the (empty, temporary) directory ``out``; ``tensors`` yields
+    (name, tensor) in file order and is consumed one tensor at a time."""
+    writer = ShardWriter(out, max_shard_bytes)
+    try:
+        for name, t in tensors:
+            writer.add(name, t)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
     if source_dir is not None:
@@ -218,16 +234,13 @@ def load_into(model: nn.Module, path: Path, scheme: QuantScheme, layer_schemes: 
                            f"{str(e).splitlines()[0] if str(e) else ''}); re-create it") from None
 
 
-def _load_into(model: nn.Module, path: Path, scheme: QuantScheme, layer_schemes: dict[str, QuantScheme]) -> nn.Module:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise SqueezeError(f"{str(path)!r} has no .safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+def install_checkpoint_tensors(model: nn.Module, state: dict[str, torch.Tensor], scheme,
+                               layer_schemes: dict[str, QuantScheme]) -> list[str]:
+    """Put checkpoint tensors (full names) into ``model``: QuantLinears built from each quantized layer's packed
+    tensors, every other tensor set in place (a meta tensor is replaced). Returns the quantized layers' prefixes."""
     prefixes = sorted(k[: -len(suffix)] for k in state for suffix in ("qweight", "gguf_blocks")
                       if k.endswith("." + suffix))
-    dtype = next(model.parameters()).dtype
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for prefix in prefixes:
         name = prefix[:-1]
         try:
@@ -246,6 +259,30 @@ def _load_into(model: nn.Module, path: Path, scheme: QuantScheme, layer_schemes:
                                f"built from config.json has {want[0]}x{want[1]}")
         set_submodule(model, name, layer)
         del old
+    return prefixes
+
+
+def set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Set the parameter or buffer ``key`` of ``model`` to ``value`` (cast to its dtype; a meta one is replaced)."""
+    owner_name, _, local = key.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if local in owner._parameters:
+        old = owner._parameters[local]
+        owner._parameters[local] = nn.Parameter(value.to(old.dtype), requires_grad=False)
+    elif local in owner._buffers:
+        old = owner._buffers[local]
+        owner._buffers[local] = value.to(old.dtype) if old is not None else value
+    else:
+        raise KeyError(key)
+
+
+def _load_into(model: nn.Module, path: Path, scheme: QuantScheme, layer_schemes: dict[str, QuantScheme]) -> nn.Module:
+    files = model_weight_files(path)
+    if not files:
+        raise SqueezeError(f"{str(path)!r} has no .safetensors weights")
+    reader = ShardedReader(files)
+    state = {key: reader.get(key) for key in reader.keys()}
+    prefixes = install_checkpoint_tensors(model, state, scheme, layer_schemes)
     rest = {k: v for k, v in state.items() if not any(k.startswith(p) for p in prefixes)}
     missing, unexpected = model.load_state_dict(rest, strict=False)
     quant_keys = {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}

@@ -223,12 +223,12 @@ def _process_block(model: nn.Module, config: AWQ, mappings, schemes: dict[str, Q
     return process
 
 
-def apply_awq(model: nn.Module, config: AWQ, calib=None) -> dict[str, dict]:
+def apply_awq(model: nn.Module, config: AWQ, calib=None, io=None) -> dict[str, dict]:
     layers, schemes = select_layers(model, config)
     mappings = mappings_for(model, "AWQ")
     process = _process_block(model, config, mappings, schemes)
     return run_sequential(model, layers, calib, process, config.device, desc="awq",
-                          precision=config.calib_precision)
+                          precision=config.calib_precision, io=io)
 
 
 register_pass("awq", AWQ, apply_awq, lambda config: True)

@@ -147,10 +147,10 @@ def _process_block(model: nn.Module, config: GPTQ, schemes: dict[str, QuantSchem
     return process
 
 
-def apply_gptq(model: nn.Module, config: GPTQ, calib=None) -> dict[str, dict]:
+def apply_gptq(model: nn.Module, config: GPTQ, calib=None, io=None) -> dict[str, dict]:
     layers, schemes = select_layers(model, config)
     return run_sequential(model, layers, calib, _process_block(model, config, schemes), config.device, desc="gptq",
-                          track_float=config.float_target, precision=config.calib_precision)
+                          track_float=config.float_target, precision=config.calib_precision, io=io)
 
 
 register_pass("gptq", GPTQ, apply_gptq, lambda config: True)

@@ -98,11 +98,11 @@ def _process_block(model: nn.Module, config: SmoothQuant, mappings):
     return process
 
 
-def apply_smoothquant(model: nn.Module, config: SmoothQuant, calib=None) -> dict[str, dict]:
+def apply_smoothquant(model: nn.Module, config: SmoothQuant, calib=None, io=None) -> dict[str, dict]:
     layers = select_linears(model, config.targets, config.ignore)
     mappings = mappings_for(model, "SmoothQuant")
     return run_sequential(model, layers, calib, _process_block(model, config, mappings), config.device,
-                          desc="smoothquant")
+                          desc="smoothquant", io=io)
 
 
 register_pass("smoothquant", SmoothQuant, apply_smoothquant, lambda config: True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -166,8 +167,13 @@ def read_hparams(cfg) -> Hparams:
         rope_theta=_rope_theta(cfg),
         rope_linear_factor=factor,
         tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        name=str(getattr(cfg, "_name_or_path", "") or ""),
+        name=_model_name(str(getattr(cfg, "_name_or_path", "") or "")),
     )
+
+
+def _model_name(name_or_path: str) -> str:
+    """general.name: a hub id as it is, a local directory by its own name (not the path it was loaded from)."""
+    return Path(name_or_path).name if name_or_path and Path(name_or_path).exists() else name_or_path
 
 
 def add_hparams(writer, hp: Hparams) -> None:
