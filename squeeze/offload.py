@@ -7,6 +7,7 @@ block runs on it and written back when the block's output replaces it, so memory
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -62,6 +63,15 @@ class OffloadedBatches:
         """An empty list of the same length under the other of two labels (block outputs beside their inputs)."""
         label = self.label[:-1] if self.label.endswith("~") else self.label + "~"
         return OffloadedBatches(self.directory, self.device, label, self._count)
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS: glibc keeps freed pages of tensors below its mmap threshold
+    (which rises as large tensors are freed), so without this RSS creeps up block by block."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def available_memory_bytes() -> int | None:

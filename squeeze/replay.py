@@ -7,6 +7,11 @@ inputs with the same weights, so its output is the same tensor as last time. `Bl
 outputs (only the ones the next pass can use, only for modules that own tensors) and returns them instead
 of running the module: the matmuls of a block are then computed about once for all passes, not 2-3 times.
 
+Memory: the kept outputs are bounded (``max_bytes``; the runner gives half the size of the block's input
+stream, so replay adds at most half to the activations of a large model); a call that would pass the bound is recomputed next time. Only
+modules holding a linear layer are kept: a norm's output costs as much memory as an attention block's and
+saves almost no time.
+
 Changes are found, not declared: a module whose object or parameters (their version counters) differ from
 the previous pass counts as changed, so in-place edits (AWQ's folded scales) and replaced layers
 (QuantLinear) both invalidate what ran after them. Every forward of a block visits its modules in the same
@@ -23,6 +28,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from squeeze.model import is_linear
+from squeeze.modules import QuantLinear
+
 Key = tuple[str, int]  # (module name in the block, call index within one forward)
 MAX_DEPTH = 2  # modules at most this deep in the block (self_attn, self_attn.q_proj) are cached
 
@@ -35,6 +43,10 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+def _nbytes(obj: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+
+
 def _fingerprint(module: nn.Module) -> tuple:
     own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
     return (id(module), tuple((id(t), t._version) for t in own))
@@ -43,8 +55,10 @@ def _fingerprint(module: nn.Module) -> tuple:
 class BlockReplay:
     """Kept outputs of one block's sub-modules across the passes of `collect_inputs` / `run_block`."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, max_bytes: int | None = None):
         self.block = block
+        self.max_bytes = max_bytes  # None: no bound
+        self.kept_bytes = 0
         self.span: dict[Key, tuple[int, int]] = {}  # (entry tick, exit tick), the same in every forward
         self.cache: dict[tuple[int, str, int], tuple[Any, tuple[int, ...]]] = {}
         self.fingerprints: dict[str, tuple] = {}
@@ -59,6 +73,7 @@ class BlockReplay:
         first = min(entries, default=math.inf)
         self.span = {k: s for k, s in self.span.items() if s[0] < first and s[1] < first}
         self.cache = {k: v for k, v in self.cache.items() if (k[1], k[2]) in self.span}
+        self.kept_bytes = sum(_nbytes(output) for output, _ in self.cache.values())
         return first
 
     @contextmanager
@@ -105,8 +120,11 @@ class _Pass:
             if slot not in self.replay.cache:
                 prefix = name + "."
                 for old in [s for s in self.replay.cache if s[0] == self.batch_index and s[1].startswith(prefix)]:
-                    del self.replay.cache[old]  # the parent's output covers its children's
-                self.replay.cache[slot] = (output, tuple(t._version for t in _tensors(output)))
+                    self.replay.kept_bytes -= _nbytes(self.replay.cache.pop(old)[0])  # the parent's covers them
+                size = _nbytes(output)
+                if self.replay.max_bytes is None or self.replay.kept_bytes + size <= self.replay.max_bytes:
+                    self.replay.cache[slot] = (output, tuple(t._version for t in _tensors(output)))
+                    self.replay.kept_bytes += size
 
     def _cached(self, name: str) -> tuple[bool, Any]:
         key = self.current[name]
@@ -127,8 +145,8 @@ class _Pass:
         for name, module in self.replay.block.named_modules():
             if not name:
                 continue
-            owns = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
-            cacheable = name.count(".") < MAX_DEPTH and owns
+            computes = any(is_linear(m) or isinstance(m, QuantLinear) for m in module.modules())
+            cacheable = name.count(".") < MAX_DEPTH and computes
             handles.append(module.register_forward_pre_hook(lambda m, a, n=name: self._enter(n, m)))
             handles.append(module.register_forward_hook(lambda m, a, out, n=name, c=cacheable: self._exit(n, out, c)))
             if cacheable:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from squeeze.errors import SqueezeError
 from squeeze.model import find_blocks
 from squeeze.modules import dequantize_once
-from squeeze.offload import OffloadedBatches
+from squeeze.offload import OffloadedBatches, return_freed_memory
 from squeeze.precision import calib_autocast
 from squeeze.replay import BlockReplay
 
@@ -174,6 +174,7 @@ def collect_inputs(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.M
     finally:
         for handle in handles:
             handle.remove()
+        return_freed_memory()
 
 
 @torch.no_grad()
@@ -255,6 +256,17 @@ def _find_blocks(model: nn.Module, desc: str) -> tuple[str, nn.ModuleList]:
     return found
 
 
+REPLAY_MIN_BYTES = 256 * 2**20
+
+
+def _replay_bound(inputs: BlockInputs) -> int:
+    """What replay may keep (`squeeze.replay`): half what the block's input stream takes (at least 256 MiB),
+    nothing when the stream is kept on disk."""
+    if isinstance(inputs.hidden, OffloadedBatches):
+        return 0
+    return max(REPLAY_MIN_BYTES, sum(h.numel() * h.element_size() for h in inputs.hidden) // 2)
+
+
 def _progress(bar, blocks_name: str, index: int, tokens: int, seconds: float) -> None:
     bar.set_postfix_str(f"{blocks_name}.{index} done, {tokens / max(seconds, 1e-9):,.0f} tok/s")
 
@@ -310,7 +322,7 @@ def run_sequential(
         if not finished:
             if feed_float:
                 outputs = run_block(block, inputs)
-            inputs.replay = BlockReplay(block)
+            inputs.replay = BlockReplay(block, _replay_bound(inputs))
             block_records = process_block(f"{blocks_name}.{index}.", block, per_block[index], inputs) \
                 if per_block[index] else {}
             records.update(block_records)

@@ -38,7 +38,7 @@ from squeeze.errors import SqueezeError
 from squeeze.fsutil import atomic_output_dir, dead_temporaries, scratch_dir
 from squeeze.model import LOAD_ERRORS, auto_class_for, find_blocks, load_hf_config, refuse_nonfinite, weight_files
 from squeeze.modules import QuantLinear
-from squeeze.offload import OffloadedBatches, should_offload
+from squeeze.offload import OffloadedBatches, return_freed_memory, should_offload
 from squeeze.recipe import Recipe
 from squeeze.registry import pass_for_config
 from squeeze.runner import block_layers
@@ -281,6 +281,7 @@ class PassIO:
             self.journal.write_block(self.pass_index, index, ckpt.checkpoint_state(block, prefix), info)
         for module in self.loaded.pop(index, []) + list(block.modules()):
             _release(module)
+        return_freed_memory()
 
     def outside_blocks(self):
         return self.streamed.outside_blocks()

@@ -13,6 +13,26 @@ from squeeze.resources import DEFAULT_MODEL, default_calibration_text, default_e
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--llama-cpp-backend", default=None,
+                     help="run llama.cpp through this binding (llama-cpp-python or llama-cpp-py-sync) when both are "
+                          "installed (default: squeeze's preference, llama-cpp-python)")
+
+
+def pytest_configure(config):
+    """--llama-cpp-backend NAME: that binding first in squeeze's order of preference for this session."""
+    name = config.getoption("--llama-cpp-backend")
+    if name is None:
+        return
+    from squeeze.eval import llamacpp_backends as lb
+
+    if name not in lb.BACKENDS:
+        raise pytest.UsageError(f"--llama-cpp-backend must be one of {', '.join(lb.BACKENDS)}, got {name!r}")
+    preferred = {name: lb.BACKENDS[name], **{k: v for k, v in lb.BACKENDS.items() if k != name}}
+    lb.BACKENDS.clear()
+    lb.BACKENDS.update(preferred)
+
+
 def pytest_collection_modifyitems(items):
     """Tests that run llama.cpp carry the llama_cpp mark: .ci/run runs them again on the other backend."""
     for item in items:

@@ -207,3 +207,37 @@ def test_calibration_device_prefers_cuda_for_a_cpu_model(monkeypatch):
     assert calibration_device(None, torch.device("cuda", 1)) == torch.device("cuda", 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert calibration_device(None, cpu) == cpu
+
+
+def test_replay_keeps_at_most_its_bound(tiny_models, monkeypatch):
+    """squeeze.replay never keeps more output bytes than its bound (0: nothing is replayed), and the result
+    does not depend on the bound."""
+    import squeeze.replay
+    import squeeze.runner
+
+    calib = _calib(n=6, seqlen=24)
+    config = GPTQ(scheme=get_scheme("w4g32"))
+    states, peaks = {}, {}
+    original_exit, original_changes = squeeze.replay._Pass._exit, squeeze.replay.BlockReplay._changes
+    for bound in (0, 20_000, None):
+        kept, served = [0], []
+
+        def exit_(self, name, output, cacheable, kept=kept):
+            original_exit(self, name, output, cacheable)
+            kept[0] = max(kept[0], self.replay.kept_bytes)
+
+        def changes(self, served=served):
+            served.append(self.replayed)
+            return original_changes(self)
+
+        monkeypatch.setattr(squeeze.replay._Pass, "_exit", exit_)
+        monkeypatch.setattr(squeeze.replay.BlockReplay, "_changes", changes)
+        monkeypatch.setattr(squeeze.runner, "_replay_bound", lambda inputs, b=bound: b)
+        model = api.load(tiny_models["llama"])
+        api.quantize(model, config, calib)
+        states[bound], peaks[bound] = model.state_dict(), (kept[0], max(served))
+    assert peaks[0] == (0, 0)
+    assert 0 < peaks[20_000][0] <= 20_000 and peaks[20_000][1] > 0
+    assert peaks[None][0] > 20_000  # unbounded keeps more
+    for bound in (0, 20_000):
+        assert all(torch.equal(states[bound][k], states[None][k]) for k in states[None])

@@ -97,6 +97,8 @@ class HessianAccumulator:
         rows = [t.detach().reshape(-1, t.shape[-1]).float() for t in (x, *paired)]
         squares = rows[0].square()
         energy = squares.sum(0)
+        token_energy = squares.sum(1)
+        del squares
         n = rows[0].shape[0]
         for total in self._sums():
             total.mul_(self.count / (self.count + n))
@@ -105,7 +107,7 @@ class HessianAccumulator:
         factor = math.sqrt(2.0 / self.count)
         if self.token_cap is None:
             return [r * factor for r in rows]
-        weight = capped_token_weights(squares.sum(1), self.token_cap).sqrt_().mul_(factor).unsqueeze(1)
+        weight = capped_token_weights(token_energy, self.token_cap).sqrt_().mul_(factor).unsqueeze(1)
         return [r * weight for r in rows]
 
     def _sums(self) -> tuple[torch.Tensor, ...]:
@@ -175,6 +177,16 @@ def shrink_to_diagonal(hessian: torch.Tensor, shrink: float) -> torch.Tensor:
     return (1.0 - shrink) * hessian + shrink * torch.diag(torch.diag(hessian))
 
 
+def shrink_to_diagonal_(hessian: torch.Tensor, shrink: float) -> torch.Tensor:
+    """`shrink_to_diagonal` in place (the same floating-point result), for matrices too large to copy."""
+    if shrink == 0.0:
+        return hessian
+    diagonal = hessian.diagonal().clone()
+    hessian.mul_(1.0 - shrink)
+    hessian.diagonal().copy_((1.0 - shrink) * diagonal + shrink * diagonal)
+    return hessian
+
+
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 = U^T U, and the damping actually used.
 
@@ -186,12 +198,17 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.
     """
     n = hessian.shape[0]
     mean_diag = float(torch.diag(hessian).mean().clamp(min=1e-12))
-    eye = torch.eye(n, device=hessian.device, dtype=hessian.dtype)
-    flipped = hessian.flip(0, 1)
+    flipped = hessian.flip(0, 1)  # a copy: damped in place below (n x n matrices are the solver's memory)
+    diagonal = flipped.diagonal().clone()
     for _ in range(MAX_DAMP_RETRIES + 1):
-        lower, info = torch.linalg.cholesky_ex(flipped + (damp * mean_diag) * eye)
+        flipped.diagonal().copy_(diagonal + damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(flipped)
         if int(info) == 0:
-            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            eye = torch.eye(n, device=hessian.device, dtype=hessian.dtype)
+            inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
+            del lower, eye
+            upper = inverse.flip(0, 1)
+            del inverse
             if bool(torch.isfinite(upper).all()):
                 return upper, damp
         log.warning("GPTQ: Cholesky factorisation failed at damp=%g; retrying with damp=%g", damp, damp * 10)
@@ -252,8 +269,11 @@ def gptq_quantize(
         for g in range(n_groups):
             params[g] = fit(W[:, g * gs : (g + 1) * gs], slice(g * gs, (g + 1) * gs))
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
-    W, H = W[:, perm], shrink_to_diagonal(H[perm][:, perm], shrink)
+    W = W[:, perm]
+    H = H[perm]
+    H = shrink_to_diagonal_(H[:, perm], shrink)
     Hinv, damp_used = inverse_hessian_cholesky(H, damp)
+    del H
 
     # Column-major work: column j of W is the contiguous row WT[j], so the per-column rank-1 update and the
     # per-batch update run in place as BLAS ger/gemm (the row-major outer-product subtraction was most of
