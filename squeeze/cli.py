@@ -7,6 +7,8 @@ written unless the command completes.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -124,12 +126,16 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--offload-activations", type=click.Path(path_type=Path), default=None,
               help="Keep the calibration activations in this directory, not in memory (by default they go to disk "
                    "on their own once they would take a quarter of the available memory).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Calibrate with this many processes (torch.distributed, gloo on CPUs, NCCL on GPUs), each "
+                   "running its share of the calibration batches: `torchrun --nproc-per-node N -m squeeze quantize`.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @ALLOW_PICKLE
-def quantize(model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
+@click.pass_context
+def quantize(ctx, model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
              ignore, calib, nsamples, seqlen, seed, calib_precision, damp, block_size, act_order, static_groups, token_cap, weighted_fit,
              uncapped_fit, clip, shrink, float_target, alpha, dtype, recipe, max_shard_size, resume,
-             offload_activations, overwrite, allow_pickle) -> None:
+             offload_activations, workers, overwrite, allow_pickle) -> int | None:
     """Quantize MODEL (a Hugging Face model directory or a GGUF file) into a checkpoint at OUTPUT."""
     from squeeze import api
     from squeeze.calib import SELF, CalibConfig
@@ -170,13 +176,18 @@ def quantize(model, output, method, scheme, bits, group_size, granularity, asym,
         config = entry.config_cls(scheme=qscheme, targets=tuple(targets) or None, ignore=tuple(ignore), **options)
     calib_config = CalibConfig(calib, nsamples, seqlen, seed)
     shard_limit(max_shard_size)
+    if workers < 1:
+        raise SqueezeError(f"--workers must be at least 1, got {workers}")
+    if workers > 1 and "WORLD_SIZE" not in os.environ:  # every input checked: start the ranks
+        return _launch_workers(workers, ctx.find_root().obj["argv"])
     if offload_activations is not None and not offload_activations.is_dir():
         raise SqueezeError(f"--offload-activations {str(offload_activations)!r} is not a directory")
     out = api.quantize_dir(model, output, config, calib_config, dtype, overwrite, allow_pickle,
                            max_shard_size=max_shard_size, resume={None: "auto", True: "require", False: "never"}[resume],
                            offload_activations=offload_activations,
                            notify=lambda message: click.echo(message, err=True))
-    click.echo(f"wrote {out}", err=True)
+    if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks say nothing
+        click.echo(f"wrote {out}", err=True)
 
 
 @cli.command(name="eval")
@@ -333,10 +344,27 @@ def quickstart(out) -> None:
     click.echo(text_table(rows, TABLE_COLUMNS))
 
 
+def _launch_workers(workers: int, argv: list[str]) -> int:
+    """Run this command again as ``workers`` torch.distributed ranks (torchrun, on a free local port)."""
+    args = []
+    skip = False
+    for arg in argv:  # the same command without --workers
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            args.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+           "-m", "squeeze", *args]
+    return subprocess.run(cmd).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning bad input into one line and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        rc = cli.main(args=argv, prog_name="squeeze", standalone_mode=False)  # a click Exit(n) comes back as n
+        rc = cli.main(args=argv, prog_name="squeeze", standalone_mode=False, obj={"argv": argv})
     except SqueezeError as e:
         click.echo(f"error: {e}", err=True)
         return 2

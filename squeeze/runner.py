@@ -48,6 +48,9 @@ class BlockInputs:
     replay: BlockReplay | None = None
     # The dtype block forwards autocast to (`squeeze.precision.calib_autocast`); None: the model's own.
     autocast: torch.dtype | None = None
+    # Data-parallel calibration (`squeeze.distributed`): these are this rank's batches; passes combine their
+    # statistics across ranks with it. None: one process.
+    dp: object | None = None
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -55,7 +58,8 @@ class BlockInputs:
     def batch(self, i: int, reference: bool = False) -> "BlockInputs":
         """Batch ``i`` alone (of the float stream with ``reference``)."""
         hidden = self.reference if reference else self.hidden
-        return BlockInputs(hidden[i : i + 1], self.args[i : i + 1], self.kwargs[i : i + 1], autocast=self.autocast)
+        return BlockInputs(hidden[i : i + 1], self.args[i : i + 1], self.kwargs[i : i + 1], autocast=self.autocast,
+                           dp=self.dp)
 
     def forward(self, block: nn.Module, i: int):
         """``block`` called on batch ``i`` (under autocast when set)."""
@@ -256,6 +260,18 @@ def _find_blocks(model: nn.Module, desc: str) -> tuple[str, nn.ModuleList]:
     return found
 
 
+def _share(input_ids: torch.Tensor, dp) -> torch.Tensor:
+    """This rank's calibration sequences: batches (of CALIB_BATCH_SIZE) i with i mod world = rank."""
+    if dp is None:
+        return input_ids
+    batches = list(torch.split(input_ids, CALIB_BATCH_SIZE))
+    mine = [batches[i] for i in dp.share(len(batches))]
+    if not mine:
+        raise SqueezeError(f"{len(batches)} calibration batches cannot feed {dp.world} ranks; use fewer workers "
+                           f"or more --nsamples (batches of {CALIB_BATCH_SIZE})")
+    return torch.cat(mine)
+
+
 REPLAY_MIN_BYTES = 256 * 2**20
 
 
@@ -301,8 +317,11 @@ def run_sequential(
     with io.outside_blocks() if io is not None else nullcontext():
         home = next(model.parameters()).device
         device = calibration_device(device, home)
-        store = io.activations(calib.input_ids.numel(), 2 if track_float else 1, device) if io is not None else None
-        inputs = capture_block_inputs(model, blocks[0], calib.input_ids, device, store)
+        dp = getattr(io, "dp", None)
+        input_ids = _share(calib.input_ids, dp)
+        store = io.activations(input_ids.numel(), 2 if track_float else 1, device) if io is not None else None
+        inputs = capture_block_inputs(model, blocks[0], input_ids, device, store)
+        inputs.dp = dp
     inputs.autocast = calib_autocast(precision, device, next(model.parameters()).dtype)
     if track_float:
         inputs.reference = store.copy("reference") if store is not None else list(inputs.hidden)
@@ -332,7 +351,7 @@ def run_sequential(
         else:
             advance(block, inputs)
         if track_float:
-            reference = BlockInputs(inputs.reference, inputs.args, inputs.kwargs, autocast=inputs.autocast)
+            reference = BlockInputs(inputs.reference, inputs.args, inputs.kwargs, autocast=inputs.autocast, dp=dp)
             advance(inputs.reference_block, reference)
             inputs.reference_block = None
         block.to(home)

@@ -30,10 +30,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from squeeze import __version__
+from squeeze import __version__, distributed
 from squeeze.checkpoint import gptq as ckpt
 from squeeze.checkpoint.record import RUN_LOG_NAME, checkpoint_metadata, checkpoint_scheme
 from squeeze.checkpoint.shards import SafetensorsFile, ShardedReader, model_weight_files, save_tensors
+from squeeze.distributed import DataParallel
 from squeeze.errors import SqueezeError
 from squeeze.fsutil import atomic_output_dir, dead_temporaries, scratch_dir
 from squeeze.model import LOAD_ERRORS, auto_class_for, find_blocks, load_hf_config, refuse_nonfinite, weight_files
@@ -186,17 +187,26 @@ def peak_rss_bytes() -> int:
 class Journal:
     """The finished blocks of a run, each pass's in its own safetensors file, with what made them."""
 
-    def __init__(self, directory: Path, inputs: dict):
+    def __init__(self, directory: Path, inputs: dict, writer: bool = True):
         self.directory = directory
         self.path = directory / JOURNAL_NAME
-        directory.mkdir(exist_ok=True)
+        self.writer = writer
         self.state = {"inputs": inputs, "blocks": {}}
+        if not writer:  # another rank's journal, read as that rank writes it
+            self.refresh()
+            return
+        directory.mkdir(exist_ok=True)
         previous = read_journal_inputs(directory.parent)
         if previous == inputs:
             self.state = json.loads(self.path.read_text())
         else:
             for f in directory.iterdir():
                 f.unlink()
+
+    def refresh(self) -> None:
+        """Read the journal file again (a rank that does not write it)."""
+        if self.path.is_file():
+            self.state = json.loads(self.path.read_text())
 
     def finished(self, pass_index: int, block: int) -> bool:
         return f"{pass_index}:{block}" in self.state["blocks"]
@@ -239,8 +249,8 @@ class PassIO:
     or from the previous pass's journal, finished ones from this pass's; each finished block journaled."""
 
     def __init__(self, streamed: StreamedModel, journal: Journal, pass_index: int, offload: Path | None,
-                 auto_offload: Path, notify: Callable[[str], None]):
-        self.streamed, self.journal, self.pass_index = streamed, journal, pass_index
+                 auto_offload: Path, notify: Callable[[str], None], dp: DataParallel | None = None):
+        self.streamed, self.journal, self.pass_index, self.dp = streamed, journal, pass_index, dp
         self.offload, self.auto_offload, self.notify = offload, auto_offload, notify
         self.loaded: dict[int, list[nn.Module]] = {}
         self.started: dict[int, float] = {}
@@ -278,7 +288,11 @@ class PassIO:
                 "seconds": round(time.perf_counter() - self.started.get(index, time.perf_counter()), 3),
                 "peak_rss_bytes": peak_rss_bytes(),
             }
-            self.journal.write_block(self.pass_index, index, ckpt.checkpoint_state(block, prefix), info)
+            if self.journal.writer:
+                self.journal.write_block(self.pass_index, index, ckpt.checkpoint_state(block, prefix), info)
+            if self.dp is not None:  # every rank has the same block; the others read the journal rank 0 wrote
+                self.dp.barrier()
+                self.journal.refresh()
         for module in self.loaded.pop(index, []) + list(block.modules()):
             _release(module)
         return_freed_memory()
@@ -292,7 +306,9 @@ class PassIO:
         directory = self.offload
         if directory is None and should_offload(size):
             directory = self.auto_offload
-            directory.mkdir(exist_ok=True)
+            if self.dp is not None:
+                directory = directory / f"rank{self.dp.rank}"
+            directory.mkdir(parents=True, exist_ok=True)
             self.notify(f"keeping the calibration activations ({size / 1e9:.1f} GB) on disk in {str(directory)!r}: "
                         "they would take more than a quarter of the available memory")
         if directory is None:
@@ -395,6 +411,14 @@ def quantize_streamed(src: Path, out: Path, recipe: Recipe, calib, dtype: torch.
         except SqueezeError:
             raise StreamUnavailable("the recipe targets layers outside its transformer blocks") from None
     inputs = run_inputs(streamed.sha256, recipe, calib, streamed.dtype)
+    dp = distributed.from_environment()
+    if dp is not None and not dp.is_writer:
+        tmp = Path(dp.broadcast(None))  # rank 0's temporary output, once it has one
+        with _offload_dir(offload) as offload_dir:
+            journal = Journal(tmp / JOURNAL_DIR, inputs, writer=False)
+            _run_passes(streamed, recipe, calib, journal, offload_dir, tmp, lambda message: None, dp)
+        dp.barrier()  # rank 0 has written the checkpoint
+        return out
     reuse = find_resumable(out, inputs, resume, notify)
     if reuse is not None:
         done = len(json.loads((reuse / JOURNAL_DIR / JOURNAL_NAME).read_text())["blocks"])
@@ -402,15 +426,10 @@ def quantize_streamed(src: Path, out: Path, recipe: Recipe, calib, dtype: torch.
     started = time.time()
     with atomic_output_dir(out, overwrite, reuse) as tmp, _offload_dir(offload) as offload_dir:
         journal = Journal(tmp / JOURNAL_DIR, inputs)
+        if dp is not None:
+            dp.broadcast(str(tmp))
+        _run_passes(streamed, recipe, calib, journal, offload_dir, tmp, notify, dp)
         n_blocks = len(streamed.blocks)
-        for p, config in enumerate(recipe.passes):
-            io = PassIO(streamed, journal, p, offload_dir, tmp / ACTIVATIONS_DIR, notify)
-            if p > 0:
-                io.restructure()
-            if all(journal.finished(p, i) for i in range(n_blocks)):
-                continue
-            with torch.no_grad():
-                pass_for_config(config).apply(streamed.model, config, calib, io=io)
         records, schemes, desc_act, log = _collect(recipe, journal, n_blocks)
         if not schemes:
             raise SqueezeError("the recipe quantized no layers; check --targets/--ignore")
@@ -421,11 +440,27 @@ def quantize_streamed(src: Path, out: Path, recipe: Recipe, calib, dtype: torch.
         ckpt.write_checkpoint(tmp, _checkpoint_tensors(streamed, journal, last), config_json, metadata, src,
                               max_shard_bytes)
         run_log = {"started_unix": int(started), "seconds": round(time.time() - started, 3),
-                   "peak_rss_bytes": peak_rss_bytes(), "resumed": reuse is not None, "blocks": log}
+                   "peak_rss_bytes": peak_rss_bytes(), "resumed": reuse is not None,
+                   "ranks": 1 if dp is None else dp.world, "blocks": log}
         (tmp / RUN_LOG_NAME).write_text(json.dumps(run_log, indent=2) + "\n")
         shutil.rmtree(tmp / JOURNAL_DIR)
         shutil.rmtree(tmp / ACTIVATIONS_DIR, ignore_errors=True)
+    if dp is not None:
+        dp.barrier()
     return out
+
+
+def _run_passes(streamed: StreamedModel, recipe: Recipe, calib, journal: Journal, offload_dir: Path | None, tmp: Path,
+                notify: Callable[[str], None], dp: DataParallel | None) -> None:
+    n_blocks = len(streamed.blocks)
+    for p, config in enumerate(recipe.passes):
+        io = PassIO(streamed, journal, p, offload_dir, tmp / ACTIVATIONS_DIR, notify, dp)
+        if p > 0:
+            io.restructure()
+        if all(journal.finished(p, i) for i in range(n_blocks)):
+            continue
+        with torch.no_grad():
+            pass_for_config(config).apply(streamed.model, config, calib, io=io)
 
 
 @contextmanager

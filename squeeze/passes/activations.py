@@ -51,6 +51,15 @@ class InputRangeObserver:
         self.lows.append(low)
         self.highs.append(high)
 
+    def combine(self, dp) -> None:
+        """Every rank's observations in one (`squeeze.distributed.DataParallel`), in batch order."""
+        if dp is None:
+            return
+        gathered = dp.gather([(float(lo), float(hi)) for lo, hi in zip(self.lows, self.highs)])
+        pairs = [p for rank_pairs in gathered for p in rank_pairs]
+        self.lows = [torch.tensor(lo) for lo, _ in pairs]
+        self.highs = [torch.tensor(hi) for _, hi in pairs]
+
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.lows:
             raise SqueezeError("an activation observer saw no inputs; the layer never ran on the calibration data")

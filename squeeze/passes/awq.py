@@ -187,6 +187,10 @@ def _process_block(model: nn.Module, config: AWQ, mappings, schemes: dict[str, Q
             abs_sum[name] += x.detach().abs().reshape(-1, x.shape[-1]).float().sum(0)
 
         collect_inputs(block, inputs, {n: layers[n] for n in firsts}, observe)
+        if inputs.dp is not None:
+            for n in firsts:
+                acc[n].combine(inputs.dp)
+                inputs.dp.sum_(abs_sum[n])
         hessian = {n: acc[leader[n]].hessian for n in layers}
         count = {n: acc[leader[n]].count for n in layers}
         abs_sum = {n: abs_sum[leader[n]] for n in layers}

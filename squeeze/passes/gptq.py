@@ -129,6 +129,8 @@ def _process_block(model: nn.Module, config: GPTQ, schemes: dict[str, QuantSchem
         else:
             acc = {n: HessianAccumulator(linear_weight(m).shape[1], device, config.token_cap) for n, m in leaders.items()}
             collect_inputs(block, inputs, leaders, lambda n, x: acc[n].add(x))
+        for a in acc.values():
+            a.combine(inputs.dp)
         return {n: (acc[g[0]].hessian, getattr(acc[g[0]], "cross", None), acc[g[0]].energy) for g in groups for n in g}
 
     def process(prefix: str, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs) -> dict[str, dict]:

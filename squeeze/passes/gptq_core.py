@@ -121,6 +121,16 @@ class HessianAccumulator:
         (x,) = self._scaled(x)
         self._add_gram(x)
 
+    def combine(self, dp) -> None:
+        """Every rank's statistics in one (`squeeze.distributed.DataParallel`): count-weighted means of the
+        running sums, so H is what one process would have accumulated over all ranks' tokens."""
+        if dp is None:
+            return
+        total = dp.sum_int(self.count)
+        for t in self._sums():
+            dp.sum_(t.mul_(self.count)).div_(max(total, 1))
+        self.count = total
+
 
 class CrossAccumulator(HessianAccumulator):
     """H = 2/n sum(x x^T) and C = 2/n sum(x_ref x^T) for paired inputs: x the quantized model's, x_ref the

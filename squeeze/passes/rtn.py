@@ -42,6 +42,8 @@ def apply_rtn(model: nn.Module, config: RTN, calib=None, io=None) -> dict[str, d
         observers = {n: InputRangeObserver(config.scheme.activations) for n in block_layers} if static else {}
         if static:
             collect_inputs(block, inputs, block_layers, lambda n, x: observers[n](None, (x,)))
+            for observer in observers.values():
+                observer.combine(inputs.dp)
         records = {}
         for name, module in block_layers.items():
             records[name], _ = install_rounded(model, name, module, schemes[name], linear_weight(module).detach())

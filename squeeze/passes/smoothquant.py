@@ -66,6 +66,9 @@ def _process_block(model: nn.Module, config: SmoothQuant, mappings):
             torch.maximum(channel_max[name], x.amax(0), out=channel_max[name])
 
         collect_inputs(block, inputs, layers, observe_channels)
+        if inputs.dp is not None:
+            for m in channel_max.values():
+                inputs.dp.max_(m)
         names = relative_names(prefix, layers)
         for mapping in mappings:
             found = resolve(block, mapping, names)
@@ -85,6 +88,9 @@ def _process_block(model: nn.Module, config: SmoothQuant, mappings):
             ranges[name](None, (x,))
 
         collect_inputs(block, inputs, layers, observe_smoothed)
+        for n in layers:
+            acc[n].combine(inputs.dp)
+            ranges[n].combine(inputs.dp)
         records = {}
         for name, module in layers.items():
             w = linear_weight(module).detach().float()
