@@ -130,3 +130,27 @@ def test_smollm2_checkpoint_exports_to_gguf_and_onnx(smollm2_rtn, tmp_path):
     assert gguf_art.verification["top1_agreement"] > 0.8
     onnx_art = squeeze.export(smollm2_rtn, "onnx", tmp_path / "m.onnx")  # int4 MatMulNBits from the checkpoint
     assert onnx_art.type == "w4g128-matmulnbits" and onnx_art.verification["top1_agreement"] > 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_block_by_block_equals_whole_model_on_smollm2(method, smollm2_dir, tmp_path):
+    """squeeze.stream on a real 135M model: the same checkpoint bytes as loading the whole model."""
+    from squeeze import api
+    from squeeze.calib import CalibConfig, load_calibration
+    from squeeze.passes.awq import AWQ
+    from squeeze.passes.gptq import GPTQ
+    from squeeze.resources import default_calibration_text
+    from squeeze.scheme import get_scheme
+    from squeeze.sources import source_tokenizer
+
+    config = {"gptq": GPTQ, "awq": AWQ}[method](scheme=get_scheme("w4g128"))
+    calib = CalibConfig(default_calibration_text(), nsamples=16, seqlen=512)
+    notes = []
+    streamed = api.quantize_dir(smollm2_dir, tmp_path / "streamed", config, calib, notify=notes.append)
+    assert notes == []
+    model = api.load(smollm2_dir)
+    calib_set = load_calibration(source_tokenizer(smollm2_dir), calib)
+    records = api.quantize(model, config, calib_set)
+    whole = api.save(model, tmp_path / "whole", config, source=smollm2_dir, calib=calib_set, records=records)
+    assert (streamed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()

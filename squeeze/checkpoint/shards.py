@@ -57,9 +57,12 @@ def shard_limit(size: str | int | None) -> int:
         return DEFAULT_MAX_SHARD_BYTES
     if isinstance(size, int):
         if size <= 0:
-            raise SqueezeError(f"the shard size must be positive, got {size}")
+            raise SqueezeError(f"--max-shard-size must be positive, got {size}")
         return size
-    return parse_size(size)
+    try:
+        return parse_size(size)
+    except SqueezeError as e:
+        raise SqueezeError(f"--max-shard-size: {e}") from None
 
 
 class SafetensorsFile:

@@ -208,11 +208,12 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.
     """
     n = hessian.shape[0]
     mean_diag = float(torch.diag(hessian).mean().clamp(min=1e-12))
-    flipped = hessian.flip(0, 1)  # a copy: damped in place below (n x n matrices are the solver's memory)
-    diagonal = flipped.diagonal().clone()
     for _ in range(MAX_DAMP_RETRIES + 1):
-        flipped.diagonal().copy_(diagonal + damp * mean_diag)
+        # n x n matrices are the solver's memory: each is freed as soon as the next step has what it needs
+        flipped = hessian.flip(0, 1)
+        flipped.diagonal().add_(damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(flipped)
+        del flipped
         if int(info) == 0:
             eye = torch.eye(n, device=hessian.device, dtype=hessian.dtype)
             inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
