@@ -37,7 +37,8 @@ from squeeze.checkpoint.shards import SafetensorsFile, ShardedReader, model_weig
 from squeeze.distributed import DataParallel
 from squeeze.errors import SqueezeError
 from squeeze.fsutil import atomic_output_dir, dead_temporaries, scratch_dir
-from squeeze.model import LOAD_ERRORS, auto_class_for, find_blocks, load_hf_config, refuse_nonfinite, weight_files
+from squeeze.model import (LOAD_ERRORS, auto_class_for, find_blocks, load_hf_config, refuse_nonfinite,
+                           select_linears, weight_files)
 from squeeze.modules import QuantLinear
 from squeeze.offload import OffloadedBatches, return_freed_memory, should_offload
 from squeeze.recipe import Recipe
@@ -261,11 +262,9 @@ class PassIO:
     def install(self, pass_index: int, index: int) -> None:
         tensors, info = self.journal.read_block(pass_index, index)
         schemes = {n: QuantScheme.from_dict(d) for n, d in info["layers"].items()}
-        ckpt.install_checkpoint_tensors(self.streamed.model, tensors, None, schemes)
-        quantized = {k for k in tensors for suffix in (".qweight", ".gguf_blocks") if k.endswith(suffix)}
-        prefixes = tuple(k.rpartition(".")[0] + "." for k in quantized)
+        quantized = tuple(ckpt.install_checkpoint_tensors(self.streamed.model, tensors, None, schemes))
         for key, t in tensors.items():
-            if not prefixes or not key.startswith(prefixes):
+            if not key.startswith(quantized):  # the float tensors (norms, biases of float layers)
                 ckpt.set_tensor(self.streamed.model, key, t)
 
     def load(self, index: int, block: nn.Module, finished: bool) -> None:
@@ -276,7 +275,7 @@ class PassIO:
             self.streamed.materialize(self.streamed.block_keys(index))
         else:
             self.install(self.pass_index - 1, index)
-        self.loaded[index] = list(block.modules())
+        self.loaded.setdefault(index, []).extend(block.modules())  # every module that held this block's weights
 
     def done(self, index: int, prefix: str, block: nn.Module, records: dict[str, dict] | None) -> None:
         if records is not None:
@@ -405,7 +404,7 @@ def quantize_streamed(src: Path, out: Path, recipe: Recipe, calib, dtype: torch.
     calibration activations on disk in ``offload`` (else in memory, or in the temporary output past a limit)."""
     streamed = StreamedModel(src, dtype)
     for config in recipe.passes:  # layers outside the blocks (an lm_head target) need the whole model
-        layers = _select(streamed.model, config)
+        layers = select_linears(streamed.model, config.targets, config.ignore)
         try:
             block_layers(layers, streamed.blocks_name, len(streamed.blocks))
         except SqueezeError:
@@ -474,9 +473,3 @@ def _offload_dir(offload: Path | None):
         raise SqueezeError(f"--offload-activations {str(offload)!r} is not a directory")
     with scratch_dir(offload, "activations") as tmp:
         yield tmp
-
-
-def _select(model: nn.Module, config) -> dict[str, nn.Module]:
-    from squeeze.model import select_linears
-
-    return select_linears(model, config.targets, config.ignore)

@@ -146,12 +146,13 @@ def quantize_args(src: Path, out: Path, calib: Path) -> list[str]:
             "--calib", str(calib), "--nsamples", "16", "--seqlen", "128"]
 
 
-@pytest.mark.parametrize("killed_after", [0, 2, 4])
-def test_resume_after_kill_is_byte_identical(killed_after, stories_dir, calib_text, tmp_path, capfd):
+@pytest.mark.parametrize("killed_after, extra", [(0, []), (2, []), (4, []), (1, ["--float-target"])],
+                         ids=["block0", "block2", "block4", "block1-float-target"])
+def test_resume_after_kill_is_byte_identical(killed_after, extra, stories_dir, calib_text, tmp_path, capfd):
     """kill -9 right after block k is journaled, then the same command: it says it resumes, and every file
-    equals an uninterrupted run's (the run log aside)."""
+    equals an uninterrupted run's (the run log aside). --float-target also rebuilds the float stream."""
     out = tmp_path / "out"
-    args = quantize_args(stories_dir, out, calib_text)
+    args = quantize_args(stories_dir, out, calib_text) + extra
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER, str(killed_after), *args], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists()
@@ -164,7 +165,7 @@ def test_resume_after_kill_is_byte_identical(killed_after, stories_dir, calib_te
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the dead run's temporary was taken over
     assert json.loads((out / RUN_LOG).read_text())["resumed"] is True
 
-    assert main(quantize_args(stories_dir, tmp_path / "straight", calib_text)) == 0
+    assert main(quantize_args(stories_dir, tmp_path / "straight", calib_text) + extra) == 0
     assert digests(out) == digests(tmp_path / "straight")
 
 
