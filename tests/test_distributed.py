@@ -32,7 +32,8 @@ def differing_codes(a: dict, b: dict) -> tuple[int, int]:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch build has no torch.distributed")
-@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
+@pytest.mark.parametrize("method", ["gptq", pytest.param("awq", marks=pytest.mark.slow),
+                                    pytest.param("smoothquant", marks=pytest.mark.slow)])
 def test_two_ranks_match_one_process(method, stories_dir, calib_text, tmp_path, capfd):
     """--workers 2 (torchrun, gloo): the statistics are combined across ranks, so the checkpoint matches one
     process's up to summation order. Float tensors and scales must match closely; the number of 4-bit codes
