@@ -204,24 +204,33 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.
     H = (J L J)(J L J)^T with J L J upper triangular, so U = (J L J)^-1 = J L^-1 J: one Cholesky and one
     triangular solve (LAPACK's potri, which inverting through the inverse needs, ran up to 70x slower here).
     If the factorisation fails (H not positive definite in floating point) the damping is raised tenfold
-    and the failure logged; it never returns NaN.
+    and the failure logged; it never returns NaN (an overflowing factor is an error).
     """
-    n = hessian.shape[0]
-    mean_diag = float(torch.diag(hessian).mean().clamp(min=1e-12))
+    return inverse_cholesky_of_flipped([hessian.flip(0, 1)], damp)
+
+
+def inverse_cholesky_of_flipped(holder: list[torch.Tensor], damp: float) -> tuple[torch.Tensor, float]:
+    """`inverse_hessian_cholesky` given J H J, the Hessian with its order reversed, as the one item of
+    ``holder``: it is taken out and damped in place, so that it is freed before the triangular solve (n x n
+    matrices are the solver's memory; the caller keeps no name for it)."""
+    flipped = holder.pop()
+    n = flipped.shape[0]
+    mean_diag = float(torch.diag(flipped).mean().clamp(min=1e-12))
+    diagonal = flipped.diagonal().clone()
     for _ in range(MAX_DAMP_RETRIES + 1):
-        # n x n matrices are the solver's memory: each is freed as soon as the next step has what it needs
-        flipped = hessian.flip(0, 1)
-        flipped.diagonal().add_(damp * mean_diag)
+        flipped.diagonal().copy_(diagonal + damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(flipped)
-        del flipped
         if int(info) == 0:
-            eye = torch.eye(n, device=hessian.device, dtype=hessian.dtype)
+            del flipped
+            eye = torch.eye(n, device=lower.device, dtype=lower.dtype)
             inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
             del lower, eye
             upper = inverse.flip(0, 1)
             del inverse
-            if bool(torch.isfinite(upper).all()):
-                return upper, damp
+            if not bool(torch.isfinite(upper).all()):  # L has a positive diagonal: only overflow gets here
+                raise SqueezeError("GPTQ: the inverse Hessian factor overflows; check the calibration data "
+                                   "(--calib) for extreme activations")
+            return upper, damp
         log.warning("GPTQ: Cholesky factorisation failed at damp=%g; retrying with damp=%g", damp, damp * 10)
         damp *= 10
     raise SqueezeError(f"GPTQ: the Hessian is not positive definite even with damp={damp / 10:g}; "
@@ -281,10 +290,11 @@ def gptq_quantize(
             params[g] = fit(W[:, g * gs : (g + 1) * gs], slice(g * gs, (g + 1) * gs))
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W = W[:, perm]
-    H = H[perm]
-    H = shrink_to_diagonal_(H[:, perm], shrink)
-    Hinv, damp_used = inverse_hessian_cholesky(H, damp)
+    reverse = perm.flip(0)  # H in the reversed permuted order is what the Cholesky step factors
+    holder = [H[reverse]]
     del H
+    holder[0] = shrink_to_diagonal_(holder[0][:, reverse], shrink)
+    Hinv, damp_used = inverse_cholesky_of_flipped(holder, damp)
 
     # Column-major work: column j of W is the contiguous row WT[j], so the per-column rank-1 update and the
     # per-batch update run in place as BLAS ger/gemm (the row-major outer-product subtraction was most of
