@@ -10,7 +10,7 @@ tensor by tensor as float32 safetensors shards of at most 2GB (4.7GB in all). It
 memory and time do. Each step runs as its own process under /usr/bin/time, which reports the peak RSS.
 
 Steps: rtn (w4g128), gptq (w4g128, 128 x 512 calibration tokens of the bundled stories text), export of
-the GPTQ checkpoint to GGUF and to ONNX. Bounds (issue 11): RTN <= 1.5GB; GPTQ and the exports <= half
+the GPTQ checkpoint (or with --export-source rtn the RTN one: the same layout and sizes) to GGUF and ONNX. Bounds (issue 11): RTN <= 1.5GB; GPTQ and the exports <= half
 the float checkpoint's bytes.
 """
 
@@ -95,7 +95,7 @@ def squeeze_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "squeeze", *[str(a) for a in args]]
 
 
-def run_step(step: str, model: Path, work: Path) -> dict:
+def run_step(step: str, model: Path, work: Path, export_source: str = "gptq") -> dict:
     calib = default_calibration_text()
     if step == "rtn":
         return measured(squeeze_cmd("quantize", "--method", "rtn", "--scheme", "w4g128", model,
@@ -104,10 +104,11 @@ def run_step(step: str, model: Path, work: Path) -> dict:
         return measured(squeeze_cmd("quantize", "--method", "gptq", "--scheme", "w4g128", model,
                                     "-o", work / "gptq", "--calib", calib, "--nsamples", 128, "--seqlen", 512,
                                     "--overwrite"))
+    source = work / export_source
     if step == "gguf":
-        return measured(squeeze_cmd("export", "--to", "gguf", work / "gptq", "-o", work / "gptq.gguf", "--overwrite"))
+        return measured(squeeze_cmd("export", "--to", "gguf", source, "-o", work / f"{export_source}.gguf", "--overwrite"))
     if step == "onnx":
-        return measured(squeeze_cmd("export", "--to", "onnx", work / "gptq", "-o", work / "gptq.onnx", "--overwrite"))
+        return measured(squeeze_cmd("export", "--to", "onnx", source, "-o", work / f"{export_source}.onnx", "--overwrite"))
     raise ValueError(step)
 
 
@@ -141,6 +142,8 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     parser.add_argument("--work", type=Path, default=cache_dir() / "bench-streaming")
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "streaming.md")
+    parser.add_argument("--export-source", choices=("gptq", "rtn"), default="gptq",
+                        help="the checkpoint the export steps read (the same 4-bit layout either way)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model = make_model(args.work / "llama-1.1b-random")
@@ -148,7 +151,7 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for step in args.steps:
         print(f"{step} ...", file=sys.stderr, flush=True)
-        results[step] = run_step(step, model, args.work)
+        results[step] = run_step(step, model, args.work, args.export_source)
         print(f"{step}: {results[step]['peak_rss_bytes'] / GB:.2f} GB peak, {results[step]['seconds']} s",
               file=sys.stderr, flush=True)
         results_file.write_text(json.dumps(results, indent=2))

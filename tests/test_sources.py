@@ -51,7 +51,9 @@ def test_eval_gguf_without_reference_uses_its_own_tokenizer(stories_gguf, storie
     f32 = evaluate(stories_gguf["f32"], short_text, progress=False)
     ref = evaluate(stories_dir, short_text, progress=False)
     assert f32.tokens == ref.tokens
-    assert f32.ppl == pytest.approx(ref.ppl, rel=1e-4)
+    # llama.cpp keeps its KV cache in float16 and its CPU kernels differ by build (-march=native when pip
+    # compiles it): 1.1e-4 apart seen on a compiled build, so 5e-4, still far below any quantization effect
+    assert f32.ppl == pytest.approx(ref.ppl, rel=5e-4)
     torch_run = evaluate(stories_gguf["f32"], short_text, runtime="torch", progress=False)
     assert torch_run.runtime == "torch" and torch_run.tokens == ref.tokens
     assert torch_run.ppl == pytest.approx(ref.ppl, rel=1e-6)
