@@ -9,7 +9,7 @@ The model: a Llama-architecture checkpoint of 1.17B parameters (TinyLlama's shap
 tensor by tensor as float32 safetensors shards of at most 2GB (4.7GB in all). Its quality means nothing;
 memory and time do. Each step runs as its own process under /usr/bin/time, which reports the peak RSS.
 
-Steps: rtn (w4g128), gptq (w4g128, 128 x 512 calibration tokens of the bundled stories text), export of
+Steps: rtn (q4_0: 4-bit symmetric groups of 32), gptq (q4_0, 128 x 512 calibration tokens of the bundled stories text), export of
 the GPTQ checkpoint (or with --export-source rtn the RTN one: the same layout and sizes) to GGUF and ONNX. Bounds (issue 11): RTN <= 1.5GB; GPTQ and the exports <= half
 the float checkpoint's bytes.
 """
@@ -35,6 +35,7 @@ from squeeze.resources import default_calibration_text  # noqa: E402
 SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
          "num_key_value_heads": 4, "head_dim": 64, "tie_word_embeddings": False, "max_position_embeddings": 2048}
 STEPS = ("rtn", "gptq", "gguf", "onnx")
+SCHEME = "q4_0"  # 4-bit, groups of 32: GGUF stores it exactly and ONNX as MatMulNBits, so both exports take it
 GB = 10**9
 
 
@@ -98,10 +99,10 @@ def squeeze_cmd(*args) -> list[str]:
 def run_step(step: str, model: Path, work: Path, export_source: str = "gptq") -> dict:
     calib = default_calibration_text()
     if step == "rtn":
-        return measured(squeeze_cmd("quantize", "--method", "rtn", "--scheme", "w4g128", model,
+        return measured(squeeze_cmd("quantize", "--method", "rtn", "--scheme", SCHEME, model,
                                     "-o", work / "rtn", "--overwrite"))
     if step == "gptq":
-        return measured(squeeze_cmd("quantize", "--method", "gptq", "--scheme", "w4g128", model,
+        return measured(squeeze_cmd("quantize", "--method", "gptq", "--scheme", SCHEME, model,
                                     "-o", work / "gptq", "--calib", calib, "--nsamples", 128, "--seqlen", 512,
                                     "--overwrite"))
     source = work / export_source

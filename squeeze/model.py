@@ -177,14 +177,14 @@ def refuse_nonfinite(names: list[str], where: str) -> None:
 
 
 def check_finite_files(path: Path) -> None:
-    """Refuse a model directory whose safetensors weights hold NaN/Inf (read tensor by tensor)."""
-    from safetensors import safe_open
+    """Refuse a model directory whose safetensors weights hold NaN/Inf (read tensor by tensor, without a memory
+    map, so that checking a large model does not leave it resident)."""
+    from squeeze.checkpoint.shards import SafetensorsFile
 
     bad = []
     for f in weight_files(path):
         if f.suffix == ".safetensors":
-            with safe_open(str(f), "pt") as fh:
-                bad += nonfinite_tensors((key, fh.get_tensor(key)) for key in fh.keys())
+            bad += SafetensorsFile(f).scan()
     refuse_nonfinite(bad, str(path))
 
 

@@ -65,6 +65,11 @@ def shard_limit(size: str | int | None) -> int:
         raise SqueezeError(f"--max-shard-size: {e}") from None
 
 
+class _NoHash:
+    def update(self, data) -> None:
+        pass
+
+
 class SafetensorsFile:
     """One .safetensors file: its header parsed and checked, tensors read on demand."""
 
@@ -105,10 +110,11 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def scan(self, h) -> list[str]:
-        """Feed the file's bytes to the hash ``h`` in order, reading tensor by tensor; returns the names of the
-        floating-point tensors holding NaN or Inf."""
+    def scan(self, h=None) -> list[str]:
+        """Read the file tensor by tensor (feeding its bytes, in order, to the hash ``h`` when given); returns
+        the names of the floating-point tensors holding NaN or Inf."""
         bad = []
+        h = h if h is not None else _NoHash()
         with self.path.open("rb") as fh:
             h.update(fh.read(self.data_start))
             for name, (dtype, shape, begin, end) in sorted(self.entries.items(), key=lambda e: e[1][2]):
