@@ -176,15 +176,18 @@ def refuse_nonfinite(names: list[str], where: str) -> None:
                            "squeeze will not quantize, export or evaluate them (re-create the model)")
 
 
-def check_finite_files(path: Path) -> None:
+def check_finite_files(path: Path, h=None) -> None:
     """Refuse a model directory whose safetensors weights hold NaN/Inf (read tensor by tensor, without a memory
-    map, so that checking a large model does not leave it resident)."""
+    map, so that checking a large model does not leave it resident). With ``h``, the same read feeds it what
+    `directory_hash` hashes (each file's name and bytes)."""
     from squeeze.checkpoint.shards import SafetensorsFile
 
     bad = []
     for f in weight_files(path):
+        if h is not None:
+            h.update(f.name.encode())
         if f.suffix == ".safetensors":
-            bad += SafetensorsFile(f).scan()
+            bad += SafetensorsFile(f).scan(h)
     refuse_nonfinite(bad, str(path))
 
 

@@ -33,12 +33,12 @@ from torch import nn
 from squeeze import __version__, distributed
 from squeeze.checkpoint import gptq as ckpt
 from squeeze.checkpoint.record import RUN_LOG_NAME, checkpoint_metadata, checkpoint_scheme
-from squeeze.checkpoint.shards import SafetensorsFile, ShardedReader, model_weight_files, save_tensors
+from squeeze.checkpoint.shards import ShardedReader, model_weight_files, save_tensors
 from squeeze.distributed import DataParallel
 from squeeze.errors import SqueezeError
 from squeeze.fsutil import atomic_output_dir, dead_temporaries, scratch_dir
-from squeeze.model import (LOAD_ERRORS, auto_class_for, find_blocks, load_hf_config, refuse_nonfinite,
-                           select_linears, weight_files)
+from squeeze.model import (LOAD_ERRORS, auto_class_for, check_finite_files, find_blocks, load_hf_config,
+                           select_linears)
 from squeeze.modules import QuantLinear
 from squeeze.offload import OffloadedBatches, return_freed_memory, should_offload
 from squeeze.recipe import Recipe
@@ -109,7 +109,9 @@ class StreamedModel:
         if not files or any(f.suffix != ".safetensors" for f in files):
             raise StreamUnavailable("its weights are not safetensors")
         self.reader = ShardedReader(files)
-        self.sha256 = self._scan(path)
+        h = hashlib.sha256()  # `squeeze.model.directory_hash` of the weights, NaN/Inf refused in the same read
+        check_finite_files(path, h)
+        self.sha256 = h.hexdigest()
         config = load_hf_config(path)
         self.dtype = _float_dtype(config, self.reader, dtype)
         try:
@@ -130,16 +132,6 @@ class StreamedModel:
         missing = [k for k in set(self.keys.values()) if k not in self.reader]
         if missing:
             raise StreamUnavailable(f"its weight files name tensors differently from the model ({missing[0]!r})")
-
-    def _scan(self, path: Path) -> str:
-        """`squeeze.model.directory_hash` of the weights, refusing NaN/Inf ones in the same read."""
-        h = hashlib.sha256()
-        bad = []
-        for f in weight_files(path):
-            h.update(f.name.encode())
-            bad += SafetensorsFile(f).scan(h)
-        refuse_nonfinite(bad, str(path))
-        return h.hexdigest()
 
     def block_prefix(self, index: int) -> str:
         return f"{self.blocks_name}.{index}."
