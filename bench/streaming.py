@@ -48,7 +48,7 @@ def make_model(target: Path) -> Path:
     from transformers.initialization import no_init_weights
 
     from squeeze.checkpoint.shards import ShardWriter
-    from squeeze.stream import params_on_meta
+    from squeeze.lazy import params_on_meta
 
     smol = smollm2_dir()
     tmp = target.with_name(target.name + ".partial")

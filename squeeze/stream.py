@@ -17,7 +17,6 @@ the next block's inputs. Different inputs start over, saying which input changed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -33,12 +32,12 @@ from torch import nn
 from squeeze import __version__, distributed
 from squeeze.checkpoint import gptq as ckpt
 from squeeze.checkpoint.record import RUN_LOG_NAME, checkpoint_metadata, checkpoint_scheme
-from squeeze.checkpoint.shards import ShardedReader, model_weight_files, save_tensors
+from squeeze.checkpoint.shards import ShardedReader, save_tensors
 from squeeze.distributed import DataParallel
 from squeeze.errors import SqueezeError
 from squeeze.fsutil import atomic_output_dir, dead_temporaries, scratch_dir
-from squeeze.model import (LOAD_ERRORS, auto_class_for, check_finite_files, find_blocks, load_hf_config,
-                           select_linears)
+from squeeze.lazy import LazyModel, LazyUnavailable, release
+from squeeze.model import select_linears
 from squeeze.modules import QuantLinear
 from squeeze.offload import OffloadedBatches, return_freed_memory, should_offload
 from squeeze.recipe import Recipe
@@ -52,125 +51,8 @@ ACTIVATIONS_DIR = ".activations"
 RESUME_MODES = ("auto", "require", "never")
 
 
-class StreamUnavailable(Exception):
-    """This model cannot be quantized block by block (the message says why); it is loaded whole instead."""
-
-
-@contextmanager
-def params_on_meta():
-    """Inside, modules create their parameters on the meta device; buffers stay where they are made."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-def _float_dtype(config, reader: ShardedReader, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype `squeeze.load` gives: the one asked for, else config.json's, else the weights' (transformers' "auto")."""
-    if dtype is not None:
-        return dtype
-    declared = getattr(config, "dtype", None)
-    if isinstance(declared, str):
-        declared = getattr(torch, declared, None)
-    if isinstance(declared, torch.dtype):
-        return declared
-    for key in reader.keys():
-        if reader.dtype(key).is_floating_point:
-            return reader.dtype(key)
-    return torch.float32
-
-
-def _release(module: nn.Module) -> None:
-    """Every parameter and persistent buffer of ``module`` (not its sub-modules) back to meta."""
-    for name, p in list(module._parameters.items()):
-        if p is not None and p.device.type != "meta":
-            module._parameters[name] = nn.Parameter(p.detach().to("meta"), requires_grad=False)
-    for name, b in list(module._buffers.items()):
-        if b is not None and b.device.type != "meta" and name not in module._non_persistent_buffers_set:
-            module._buffers[name] = b.to("meta")
-
-
-class StreamedModel:
-    """A Hugging Face model directory as a model skeleton whose weights are read when they are needed."""
-
-    def __init__(self, path: Path, dtype: torch.dtype | None = None):
-        from transformers.initialization import no_init_weights
-
-        self.path = path
-        files = model_weight_files(path)
-        if not files or any(f.suffix != ".safetensors" for f in files):
-            raise StreamUnavailable("its weights are not safetensors")
-        self.reader = ShardedReader(files)
-        h = hashlib.sha256()  # `squeeze.model.directory_hash` of the weights, NaN/Inf refused in the same read
-        check_finite_files(path, h)
-        self.sha256 = h.hexdigest()
-        config = load_hf_config(path)
-        self.dtype = _float_dtype(config, self.reader, dtype)
-        try:
-            with no_init_weights(), params_on_meta():
-                model = auto_class_for(config).from_config(config, dtype=self.dtype)
-            model.tie_weights()  # as from_pretrained does (tie_word_embeddings)
-        except LOAD_ERRORS as e:
-            raise SqueezeError(f"cannot build the model {str(path / 'config.json')!r} describes: {e}") from None
-        found = find_blocks(model)
-        if found is None:
-            raise StreamUnavailable("squeeze finds no transformer blocks in it")
-        self.model = model.eval()
-        self.blocks_name, self.blocks = found
-        canonical: dict[int, str] = {}
-        self.keys: dict[str, str] = {}  # every state key -> the key its tensor is stored under (tied copies once)
-        for key, t in model.state_dict(keep_vars=True).items():
-            self.keys[key] = canonical.setdefault(id(t), key)
-        missing = [k for k in set(self.keys.values()) if k not in self.reader]
-        if missing:
-            raise StreamUnavailable(f"its weight files name tensors differently from the model ({missing[0]!r})")
-
-    def block_prefix(self, index: int) -> str:
-        return f"{self.blocks_name}.{index}."
-
-    def outer_keys(self) -> list[str]:
-        prefix = self.blocks_name + "."
-        return [k for k in self.keys if not k.startswith(prefix)]
-
-    def block_keys(self, index: int) -> list[str]:
-        return [k for k in self.keys if k.startswith(self.block_prefix(index))]
-
-    def read(self, key: str) -> torch.Tensor:
-        """The float tensor of ``key`` in the model's dtype, as `squeeze.load` holds it."""
-        t = self.reader.get(self.keys[key])
-        return t.to(self.dtype) if t.is_floating_point() else t
-
-    def materialize(self, keys: list[str]) -> None:
-        """Read ``keys`` into the skeleton; tied keys share one tensor."""
-        done: dict[str, nn.Parameter | torch.Tensor] = {}
-        for key in keys:
-            source = self.keys[key]
-            owner_name, _, local = key.rpartition(".")
-            owner = self.model.get_submodule(owner_name) if owner_name else self.model
-            if source in done and local in owner._parameters:
-                owner._parameters[local] = done[source]
-                continue
-            ckpt.set_tensor(self.model, key, self.read(key))
-            done[source] = owner._parameters.get(local, owner._buffers.get(local))
-
-    @contextmanager
-    def outside_blocks(self):
-        keys = self.outer_keys()
-        self.materialize(keys)
-        try:
-            yield
-        finally:
-            for key in keys:
-                owner_name, _, _ = key.rpartition(".")
-                _release(self.model.get_submodule(owner_name) if owner_name else self.model)
+# the model cannot be quantized block by block (the message says why); it is loaded whole instead
+StreamUnavailable = LazyUnavailable
 
 
 def peak_rss_bytes() -> int:
@@ -241,7 +123,7 @@ class PassIO:
     """`squeeze.runner.BlockIO` for pass ``pass_index`` of a streamed run: blocks from the shards (first pass)
     or from the previous pass's journal, finished ones from this pass's; each finished block journaled."""
 
-    def __init__(self, streamed: StreamedModel, journal: Journal, pass_index: int, offload: Path | None,
+    def __init__(self, streamed: LazyModel, journal: Journal, pass_index: int, offload: Path | None,
                  auto_offload: Path, notify: Callable[[str], None], dp: DataParallel | None = None):
         self.streamed, self.journal, self.pass_index, self.dp = streamed, journal, pass_index, dp
         self.offload, self.auto_offload, self.notify = offload, auto_offload, notify
@@ -285,7 +167,7 @@ class PassIO:
                 self.dp.barrier()
                 self.journal.refresh()
         for module in self.loaded.pop(index, []) + list(block.modules()):
-            _release(module)
+            release(module)
         return_freed_memory()
 
     def outside_blocks(self):
@@ -313,7 +195,7 @@ class PassIO:
         for index in range(len(self.streamed.blocks)):
             self.install(self.pass_index - 1, index)
             for module in self.streamed.blocks[index].modules():
-                _release(module)
+                release(module)
 
 
 def run_inputs(model_sha256: str, recipe: Recipe, calib, dtype: torch.dtype) -> dict:
@@ -349,7 +231,7 @@ def find_resumable(out: Path, inputs: dict, resume: str, notify: Callable[[str],
     return None
 
 
-def _checkpoint_tensors(streamed: StreamedModel, journal: Journal, last_pass: int):
+def _checkpoint_tensors(streamed: LazyModel, journal: Journal, last_pass: int):
     """(name, tensor) in the order `squeeze.checkpoint.gptq.checkpoint_state` gives for the whole model."""
     blocks_prefix = streamed.blocks_name + "."
     emitted_blocks: set[int] = set()
@@ -394,7 +276,9 @@ def quantize_streamed(src: Path, out: Path, recipe: Recipe, calib, dtype: torch.
                       offload: Path | None = None) -> Path:
     """`squeeze.api.quantize_dir` for a model directory of safetensors, one block in memory at a time;
     calibration activations on disk in ``offload`` (else in memory, or in the temporary output past a limit)."""
-    streamed = StreamedModel(src, dtype)
+    streamed = LazyModel(src, dtype, hash_weights=True)
+    if streamed.quantized:
+        raise StreamUnavailable("it is a quantized checkpoint")
     for config in recipe.passes:  # layers outside the blocks (an lm_head target) need the whole model
         layers = select_linears(streamed.model, config.targets, config.ignore)
         try:
@@ -441,7 +325,7 @@ def quantize_streamed(src: Path, out: Path, recipe: Recipe, calib, dtype: torch.
     return out
 
 
-def _run_passes(streamed: StreamedModel, recipe: Recipe, calib, journal: Journal, offload_dir: Path | None, tmp: Path,
+def _run_passes(streamed: LazyModel, recipe: Recipe, calib, journal: Journal, offload_dir: Path | None, tmp: Path,
                 notify: Callable[[str], None], dp: DataParallel | None) -> None:
     n_blocks = len(streamed.blocks)
     for p, config in enumerate(recipe.passes):
