@@ -160,6 +160,9 @@ class ShardedReader:
     def dtype(self, key: str) -> torch.dtype:
         return self.where[key].entries[key][0]
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.where[key].entries[key][1]
+
     def get(self, key: str) -> torch.Tensor:
         return self.where[key].get(key)
 

@@ -1,6 +1,6 @@
 """Lazy tensor access to a model directory: float HF weights or a squeeze (GPTQ-layout) checkpoint.
 
-Shapes come from the safetensors headers; a tensor's data is read only when asked for, one at a time,
+Shapes come from the safetensors headers; a tensor's data is read (plain reads) only when asked for, one at a time,
 so the exporter never holds the whole model. A quantized layer is exposed as its integer codes and
 scales (`QuantLayer`), from which `exact_blocks` builds GGUF blocks without re-rounding.
 """
@@ -86,18 +86,16 @@ class ModelSource:
     """Tensors of a model directory by HF name, read lazily from its safetensors files."""
 
     def __init__(self, model_dir: Path):
-        from safetensors import safe_open
+        from squeeze.checkpoint.shards import ShardedReader, model_weight_files
 
         self.dir = model_dir
-        files = sorted(model_dir.glob("*.safetensors"))
+        files = sorted(f for f in model_weight_files(model_dir) if f.suffix == ".safetensors")
         if not files:
             raise SqueezeError(f"{str(model_dir)!r} has no .safetensors weights; GGUF export reads safetensors "
                                "(re-save the model with save_pretrained(safe_serialization=True))")
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where: dict[str, object] = {}
-        for h in self._handles:
-            for k in h.keys():
-                self._where[k] = h
+        # plain reads, not a memory map: a mapped checkpoint's pages stay resident after each tensor is converted
+        self.reader = ShardedReader(files)
+        self._where = [k for f in self.reader.files for k in sorted(f.keys())]  # file by file, by name
         config = json.loads((model_dir / "config.json").read_text())
         self.quantization_config = config.get("quantization_config")
         self.scheme: QuantScheme | None = None
@@ -111,7 +109,7 @@ class ModelSource:
         self.block_layers = {k[: -len(".gguf_blocks")] for k in self._where if k.endswith(".gguf_blocks")}
 
     def _shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._where[key].get_slice(key).get_shape())
+        return tuple(self.reader.shape(key))
 
     def weights(self) -> list[tuple[str, tuple[int, ...]]]:
         """(HF name, [rows, cols] or [n]) of every weight, quantized layers under ``<layer>.weight``."""
@@ -137,7 +135,7 @@ class ModelSource:
         return out
 
     def _get(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
+        return self.reader.get(key)
 
     def _block_scheme(self, prefix: str) -> QuantScheme:
         scheme = self.layer_schemes.get(prefix, self.scheme)

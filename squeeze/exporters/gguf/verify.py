@@ -27,43 +27,68 @@ class VerifySettings:
     min_top1: float = 0.90  # below this the file is broken, not merely quantized
 
 
-def reference_weights(plans: list[TensorPlan], source) -> dict[str, torch.Tensor]:
-    """HF name -> float32 weight exactly as written, computed from the source in HF row order.
+def reference_weight(p: TensorPlan, source) -> torch.Tensor:
+    """The float32 weight of plan ``p`` exactly as written, computed from the source in HF row order.
 
     Independent of the file: a missing q/k permutation or a wrong name in the file makes llama.cpp
-    disagree with this reference (row permutation commutes with row-wise block quantization).
+    disagree with it (row permutation commutes with row-wise block quantization).
     """
     from squeeze.exporters.gguf.codecs import dequantize_blocks
     from squeeze.exporters.gguf.source import BlockLayer, exact_blocks
 
-    out = {}
-    for p in plans:
-        if p.exact:
-            layer = source.quant_layer(p.hf_name)
-            x = layer.dequantize() if isinstance(layer, BlockLayer) else dequantize_blocks(exact_blocks(layer, p.qtype))
-        else:
-            codec = get_codec(p.qtype)
-            x = codec.dequantize(codec.quantize(source.float_tensor(p.hf_name)))
-        out[p.hf_name] = torch.from_numpy(np.ascontiguousarray(x.reshape(p.shape), dtype=np.float32))
-    return out
+    if p.exact:
+        layer = source.quant_layer(p.hf_name)
+        x = layer.dequantize() if isinstance(layer, BlockLayer) else dequantize_blocks(exact_blocks(layer, p.qtype))
+    else:
+        codec = get_codec(p.qtype)
+        x = codec.dequantize(codec.quantize(source.float_tensor(p.hf_name)))
+    return torch.from_numpy(np.ascontiguousarray(x.reshape(p.shape), dtype=np.float32))
 
 
-def reference_model(model_dir: Path, weights: dict[str, torch.Tensor]) -> nn.Module:
-    """The model's architecture (float32) holding ``weights``; tied output follows the embedding."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+@torch.no_grad()
+def reference_logits(model_dir: Path, plans: list[TensorPlan], source, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of the model's architecture (float32) holding the weights the file should hold, for ``tokens``.
 
-    cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    Run block by block (`squeeze.lazy`): each block's weights are computed when it runs and freed after,
+    so the check holds one block and the modules outside the blocks, never the whole float model.
+    """
+    from squeeze.checkpoint.gptq import set_tensor
+    from squeeze.lazy import blocks_on_demand, meta_skeleton, release_all
+    from squeeze.model import find_blocks, load_hf_config
+    from squeeze.offload import return_freed_memory
+
+    cfg = load_hf_config(model_dir)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    model.tie_weights()
-    missing = [k for k in missing if not (k.startswith("lm_head") and cfg.tie_word_embeddings)]
+    model = meta_skeleton(cfg, torch.float32)
+    keys = set(model.state_dict())
+    names = {p.hf_name for p in plans}
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    missing = sorted(k for k in keys - names if not (k.startswith("lm_head") and tied))
+    unexpected = sorted(names - keys)
     if missing or unexpected:
         raise SqueezeError(f"GGUF weights do not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    return model.eval()
+    blocks_name, blocks = find_blocks(model) or ("", nn.ModuleList())
+    per_block: dict[int, list[TensorPlan]] = {i: [] for i in range(len(blocks))}
+    outside = []
+    for p in plans:
+        head, _, rest = p.hf_name.partition(blocks_name + ".") if blocks_name else ("-", "", "")
+        index = rest.split(".", 1)[0] if head == "" and rest else None
+        (per_block[int(index)] if index is not None and index.isdigit() else outside).append(p)
+
+    def load(group: list[TensorPlan]) -> None:
+        for p in group:
+            set_tensor(model, p.hf_name, reference_weight(p, source))
+
+    def unload(i: int) -> None:
+        release_all(blocks[i])
+        return_freed_memory()
+
+    load(outside)
+    model.tie_weights()  # a tied output layer follows the embedding
+    with blocks_on_demand(blocks, lambda i: load(per_block[i]), unload):
+        out = model(input_ids=tokens)
+    return (out.logits if hasattr(out, "logits") else out).float()
 
 
 def verification_tokens(model_dir: Path, vocab_size: int, settings: VerifySettings) -> torch.Tensor:
@@ -87,14 +112,12 @@ def verify_gguf(path: Path, model_dir: Path, plans: list[TensorPlan], source, se
     """Run the file in llama.cpp and torch; VerificationError when top-1 agreement is below the floor."""
     from squeeze.eval.llamacpp import LlamaCppRuntime
     from squeeze.eval.metrics import LMStats
-    from squeeze.eval.runtimes import TorchRuntime
 
     runtime = LlamaCppRuntime(path)
     tokens = verification_tokens(model_dir, runtime.vocab_size, settings)
     got = runtime.logits(tokens)
     del runtime
-    reference = TorchRuntime(reference_model(model_dir, reference_weights(plans, source)))
-    want = reference.logits(tokens)
+    want = reference_logits(model_dir, plans, source, tokens)
     if want.shape != got.shape:
         raise VerificationError(f"llama.cpp returned logits of shape {tuple(got.shape)}, torch {tuple(want.shape)}")
     if not torch.isfinite(got).all():
