@@ -12,8 +12,10 @@ file when the weights exceed the protobuf limit).
 from __future__ import annotations
 
 import copy
+import gc
 import os
-import warnings
+import shutil
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +25,20 @@ from torch import nn
 from squeeze.errors import SqueezeError
 from squeeze.optional import require
 from squeeze.exporters import Artifact
-from squeeze.exporters.onnx.dqblock import DQ_BLOCK_OPSET, write_int4_initializers
+from squeeze.exporters.onnx.dqblock import DQ_BLOCK_OPSET
 from squeeze.exporters.onnx.graphs import GRAPH_BUILDERS, GraphSpec, lower_quant_linears, model_kind, module_graph
-from squeeze.exporters.onnx.verify import verify_module, verify_tokens
+from squeeze.exporters.onnx.kvcache import KVDecodeCheck
+from squeeze.exporters.onnx.verify import ModuleCheck, TokenCheck
+from squeeze.exporters.onnx.weights import WeightStash, cast_nonpersistent_buffers, trace, write_model
+from squeeze.lazy import LazyModel
+from squeeze.model import nonfinite_tensors, refuse_nonfinite
 from squeeze.modules import QuantLinear
+from squeeze.offload import return_freed_memory
 
 # --type name -> torch dtype of the graph's float tensors
 ONNX_TYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_OPSET = 17
 MAX_OPSET = 21
-# protobuf refuses messages of 2 GiB; weights past this go to an external data file
-EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class ONNXExport:
     verify: bool = True
     kv_cache: bool = False
     opset: int | None = None  # None: DEFAULT_OPSET, or DQ_BLOCK_OPSET for the dq-block int4 encoding
-    external_data: bool | None = None  # None: only when the weights exceed EXTERNAL_DATA_THRESHOLD
+    external_data: bool | None = None  # None: when the weights exceed weights.INLINE_MAX_BYTES (256 MiB)
     # symmetric static int8 activations as uint8/128 (onnxruntime) or int8/0 (TensorRT); asymmetric ones are
     # always uint8 with their calibrated zero point
     act_encoding: str = "uint8"
@@ -85,74 +90,72 @@ def _require_onnx():
     require("onnxruntime", "onnx")
 
 
-def precision_name(model: nn.Module, qtype: str, int4_encoding: str = "matmulnbits") -> str:
-    """fp32 / fp16 for float models; the checkpoint's scheme plus how it is written for quantized ones."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    if not layers:
+def precision_name(kinds: set[str], qtype: str) -> str:
+    """fp32 / fp16 for float models; for quantized ones each layer grid plus how it is written
+    (``kinds``: "<scheme>-<lowering>" of every quantized layer)."""
+    if not kinds:
         return qtype
+    return "+".join(sorted(kinds)) + ("" if qtype == "fp32" else f"-{qtype}")
+
+
+def _quant_kinds(module: nn.Module, int4_encoding: str) -> set[str]:
     from squeeze.exporters.onnx.graphs import lowering_for
 
-    kinds = sorted({f"{m.scheme.name}-{lowering_for(m, int4_encoding)}" for m in layers})
-    return "+".join(kinds) + ("" if qtype == "fp32" else f"-{qtype}")
+    return {f"{m.scheme.name}-{lowering_for(m, int4_encoding)}" for m in module.modules() if isinstance(m, QuantLinear)}
 
 
-def _trace(spec: GraphSpec, path: Path, opset: int) -> None:
-    from squeeze.exporters.onnx.matmulnbits import MatMulNBitsLinear
+class _Lowered:
+    """What lowering a model unit by unit produced: counts per lowering, layer kinds."""
 
-    contrib = any(isinstance(m, MatMulNBitsLinear) for m in spec.module.modules())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            spec.module, spec.args, str(path), dynamo=False, input_names=spec.input_names,
-            output_names=spec.output_names, dynamic_axes=spec.dynamic_axes, opset_version=opset,
-            do_constant_folding=True, custom_opsets={"com.microsoft": 1} if contrib else None,
-        )
+    def __init__(self, config: ONNXExport, stash: WeightStash):
+        self.config, self.stash = config, stash
+        self.counts: dict[str, int] = {}
+        self.kinds: set[str] = set()
 
+    def unit(self, root: nn.Module, prefix: str = "", skip: str | None = None) -> None:
+        """Lower the QuantLinears under ``root`` (named ``prefix`` in the model), then stash its weights; modules
+        named ``skip`` or under it (the blocks, when ``root`` is the whole model) are left alone."""
+        cfg = self.config
+        self.kinds |= _quant_kinds(root, cfg.int4_encoding)
+        for kind, n in lower_quant_linears(root, cfg.dtype, cfg.act_encoding, cfg.int4_encoding).items():
+            self.counts[kind] = self.counts.get(kind, 0) + n
+        modules = [(f"{prefix}.{n}" if prefix and n else prefix or n, m) for n, m in root.named_modules()
+                   if skip is None or not (n == skip or n.startswith(skip + "."))]
+        self.stash.take(modules)
+        return_freed_memory()
 
-def _initializer_bytes(model) -> int:
-    from onnx import numpy_helper
-
-    return sum(numpy_helper.to_array(t).nbytes if not t.raw_data else len(t.raw_data) for t in model.graph.initializer)
-
-
-def drop_identity_initializers(graph) -> int:
-    """Remove Identity nodes that only rename an initializer (the exporter's de-duplication adds them).
-
-    Q/DQ fusion and TensorRT want scales and zero points to be initializers themselves. Returns the count.
-    """
-    inits = {t.name for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    rename = {n.output[0]: n.input[0] for n in graph.node
-              if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
-    if not rename:
-        return 0
-    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in rename)]
-    for node in keep:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-    del graph.node[:]
-    graph.node.extend(keep)
-    return len(rename)
+    @property
+    def notes(self) -> list[str]:
+        return [f"{n} linear layers written as {k}" for k, n in sorted(self.counts.items())]
 
 
-def _finish(raw: Path, final: Path, metadata: dict[str, str], external_data: bool | None) -> None:
-    """Add squeeze metadata, save (with external data when large) and run onnx.checker."""
-    import onnx
+def write_graph(spec: GraphSpec, out: Path, config: ONNXExport, overwrite: bool, stash: WeightStash, check,
+                reference) -> tuple[int, dict | None]:
+    """Trace ``spec`` (placeholders), write its weights from ``stash`` and verify: ``check.run_onnx`` on the
+    file in onnxruntime, then ``check.run_torch`` on the model ``reference()`` (a context manager) yields.
+    The file is moved into place only after that. Returns (bytes, verification record)."""
+    from squeeze.eval.onnxruntime import OrtRuntime, artifact_size
 
-    model = onnx.load(str(raw))
-    drop_identity_initializers(model.graph)
-    write_int4_initializers(model.graph)
-    for key, value in metadata.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    external = external_data if external_data is not None else _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    onnx.save_model(model, str(final), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=final.name + ".data", size_threshold=1024)
-    try:
-        onnx.checker.check_model(str(final))
-    except onnx.checker.ValidationError as e:
-        raise SqueezeError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+    tmp_dir = stash.directory.parent
+    raw_dir = tmp_dir / "raw"
+    raw_dir.mkdir()
+    trace(spec.module, spec.args, raw_dir / "model.onnx", config.onnx_opset, spec.input_names, spec.output_names,
+          spec.dynamic_axes)
+    final = tmp_dir / out.name
+    write_model(raw_dir / "model.onnx", final, stash, stash.names(spec.module),
+                {"squeeze.kind": spec.kind, **spec.metadata}, config.external_data)
+    shutil.rmtree(stash.directory)
+    record = None
+    if config.verify:
+        runtime = OrtRuntime.from_path(final)
+        check.run_onnx(runtime)
+        del runtime
+        gc.collect()
+        with reference() as model:
+            record = check.run_torch(model)
+    size = artifact_size(final)
+    _move_into_place(tmp_dir, out, overwrite)
+    return size, record
 
 
 def _move_into_place(tmp_dir: Path, out: Path, overwrite: bool) -> None:
@@ -168,64 +171,72 @@ def _move_into_place(tmp_dir: Path, out: Path, overwrite: bool) -> None:
     os.replace(tmp_dir / out.name, out)
 
 
-def write_graph(spec: GraphSpec, out: Path, config: ONNXExport, overwrite: bool, verify_fn) -> tuple[int, dict | None]:
-    """Trace ``spec`` to ``out`` atomically; ``verify_fn(runtime)`` runs before the move. Returns (bytes, record)."""
-    from squeeze.eval.onnxruntime import OrtRuntime, artifact_size
-
-    from squeeze.fsutil import scratch_dir
-
-    with scratch_dir(out.parent, out.name) as tmp_dir:
-        raw_dir = tmp_dir / "raw"
-        raw_dir.mkdir()
-        _trace(spec, raw_dir / "model.onnx", config.onnx_opset)
-        final = tmp_dir / out.name
-        _finish(raw_dir / "model.onnx", final, {"squeeze.kind": spec.kind, **spec.metadata}, config.external_data)
-        record = verify_fn(OrtRuntime.from_path(final)) if config.verify else None
-        size = artifact_size(final)
-        _move_into_place(tmp_dir, out, overwrite)
-    return size, record
+def _lower_streamed(lazy: LazyModel, lowered: _Lowered) -> None:
+    """Each unit read, lowered and stashed in turn: the modules outside the blocks, then block by block."""
+    lazy.load_outside()
+    lowered.unit(lazy.model, skip=lazy.blocks_name)  # the blocks' layers are still float on meta here
+    for i, block in enumerate(lazy.blocks):
+        lazy.load_block(i)
+        lowered.unit(block, lazy.block_prefix(i)[:-1])
 
 
 def export_onnx(src: Path, out: Path, config: ONNXExport, overwrite: bool = False) -> Artifact:
-    """Export the model directory ``src`` (float or squeeze checkpoint) to the .onnx file ``out``."""
-    from squeeze.api import load
+    """Export the model directory ``src`` (float or squeeze checkpoint) to the .onnx file ``out``.
+
+    Block by block (`squeeze.lazy`) when the model has transformer blocks: one block's weights in memory
+    while writing, and while verifying (the torch reference runs block by block too).
+    """
     from squeeze import __version__
+    from squeeze.api import load
+    from squeeze.fsutil import scratch_dir
+    from squeeze.lazy import LazyUnavailable
 
     _require_onnx()
     if out.suffix.lower() != ".onnx":
         raise SqueezeError(f"ONNX output must end in .onnx, got {str(out)!r}")
-    reference = load(src, "float32").eval()
-    kind = model_kind(reference)
+    try:
+        lazy = LazyModel(src, torch.float32)
+        model = lazy.model
+    except LazyUnavailable:
+        lazy, model = None, load(src, "float32").eval()
+    kind = model_kind(model)
     if kind not in GRAPH_BUILDERS:
         raise SqueezeError(f"{str(src)!r} is neither a causal LM nor an encoder; export plain modules with "
                            "squeeze.exporters.onnx.export_module")
-    model = copy.deepcopy(reference)
-    precision = precision_name(model, config.qtype, config.int4_encoding)
-    counts = lower_quant_linears(model, config.dtype, config.act_encoding, config.int4_encoding)
-    model = model.to(config.dtype).eval()
-    spec = GRAPH_BUILDERS[kind](model, config.kv_cache)
-    spec.metadata.update({"squeeze.source": str(src.resolve()), "squeeze.precision": precision,
-                          "squeeze.version": __version__})
-    exact = not counts and config.qtype == "fp32"
-    vocab = int(reference.config.vocab_size)
+    if lazy is None:
+        refuse_nonfinite(nonfinite_tensors(model.state_dict().items()), str(src))
+    vocab = int(model.config.vocab_size)
+    with scratch_dir(out.parent, out.name) as tmp_dir:
+        lowered = _Lowered(config, WeightStash(tmp_dir / "weights", config.dtype))
+        if lazy is not None:
+            _lower_streamed(lazy, lowered)
+        else:
+            lowered.unit(model)
+        cast_nonpersistent_buffers(model, config.dtype)
+        spec = GRAPH_BUILDERS[kind](model, config.kv_cache)
+        precision = precision_name(lowered.kinds, config.qtype)
+        spec.metadata.update({"squeeze.source": str(src.resolve()), "squeeze.precision": precision,
+                              "squeeze.version": __version__})
+        exact = not lowered.counts and config.qtype == "fp32"
+        check = KVDecodeCheck(vocab, exact) if config.kv_cache else TokenCheck(kind, vocab, exact)
 
-    def verify(runtime):
-        if config.kv_cache:
-            from squeeze.exporters.onnx.kvcache import verify_kv_decoding
+        @contextmanager
+        def reference():
+            if lazy is None:  # the model was lowered in place: read it again
+                yield load(src, "float32").eval()
+                return
+            with LazyModel(src, torch.float32).running() as ref:
+                yield ref
 
-            return verify_kv_decoding(runtime, reference, vocab, exact)
-        return verify_tokens(runtime, reference, kind, vocab, exact)
-
-    size, record = write_graph(spec, out, config, overwrite, verify)
-    notes = [f"{n} linear layers written as {k}" for k, n in sorted(counts.items())]
-    return Artifact(out, "onnx", precision, size, record, notes)
+        size, record = write_graph(spec, out, config, overwrite, lowered.stash, check, reference)
+    return Artifact(out, "onnx", precision, size, record, lowered.notes)
 
 
 def export_module(
     module: nn.Module, example_inputs, out: str | Path, config: ONNXExport | None = None, overwrite: bool = False
 ) -> Artifact:
     """Export a plain nn.Module (e.g. a CNN, float or squeeze-quantized) to ``out``; batch axis dynamic."""
-    from squeeze.fsutil import check_output_path
+    from squeeze.fsutil import check_output_path, scratch_dir
 
     _require_onnx()
     config = config or ONNXExport()
@@ -233,17 +244,20 @@ def export_module(
         raise SqueezeError("--kv-cache applies to causal language models, not plain modules")
     out = check_output_path(out, overwrite, kind="file", suffixes=(".onnx",))
     reference = module.eval()
-    model = copy.deepcopy(reference)
-    precision = precision_name(model, config.qtype, config.int4_encoding)
-    counts = lower_quant_linears(model, config.dtype, config.act_encoding, config.int4_encoding)
-    model = model.to(config.dtype).eval()
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    spec = module_graph(model, tuple(a.to(config.dtype) if a.is_floating_point() else a for a in args))
-    exact = not counts and config.qtype == "fp32"
+    graph_args = tuple(a.to(config.dtype) if a.is_floating_point() else a for a in args)
+    model = copy.deepcopy(reference)
+    with scratch_dir(out.parent, out.name) as tmp_dir:
+        lowered = _Lowered(config, WeightStash(tmp_dir / "weights", config.dtype))
+        spec = module_graph(_lowered_copy(model, lowered, config), graph_args)
+        precision = precision_name(lowered.kinds, config.qtype)
+        check = ModuleCheck(args, spec.args, not lowered.counts and config.qtype == "fp32")
+        size, record = write_graph(spec, out, config, overwrite, lowered.stash, check, lambda: nullcontext(reference))
+    return Artifact(out, "onnx", precision, size, record, lowered.notes)
 
-    def verify(runtime):
-        return verify_module(runtime, reference, args, spec.args, exact)
 
-    size, record = write_graph(spec, out, config, overwrite, verify)
-    return Artifact(out, "onnx", precision, size, record,
-                    [f"{n} linear layers written as {k}" for k, n in sorted(counts.items())])
+def _lowered_copy(model: nn.Module, lowered: _Lowered, config: ONNXExport) -> nn.Module:
+    """``model`` (a copy) lowered and stashed whole; its forward run once on placeholders is `module_graph`'s job."""
+    lowered.unit(model)
+    cast_nonpersistent_buffers(model, config.dtype)
+    return model.eval()

@@ -72,29 +72,36 @@ def causal_lm_kv_graph(model: nn.Module):
     return GraphSpec("causal-lm", CausalLMWithPast(model), (ids, mask, *past), inputs, outputs, axes, meta)
 
 
-@torch.no_grad()
-def verify_kv_decoding(runtime, reference: nn.Module, vocab_size: int, exact: bool, steps: int = 4) -> dict:
-    """Prefill with an empty past, then decode ``steps`` tokens one at a time feeding presents back.
+class KVDecodeCheck:
+    """Prefill with an empty past, then decode ``steps`` tokens one at a time feeding presents back (in
+    onnxruntime); then every step's logits against the torch model run on the whole sequence so far."""
 
-    Every step's logits are compared with the torch model run on the whole sequence so far.
-    """
-    from squeeze.exporters.onnx.verify import compare
+    def __init__(self, vocab_size: int, exact: bool, steps: int = 4):
+        self.vocab_size, self.exact, self.steps = vocab_size, exact, steps
+        self.got: list[tuple[torch.Tensor, torch.Tensor]] = []  # (onnxruntime logits, the sequence so far)
 
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab_size, (2, 12), generator=gen)
-    feeds = runtime.token_feeds(ids)
-    pairs = []
-    seq = ids
-    for step in range(steps + 1):
-        out = runtime.run(feeds)
-        ref = reference(input_ids=seq, attention_mask=torch.ones_like(seq)).logits.float()
-        ort_logits = torch.from_numpy(np.asarray(out["logits"], dtype=np.float32))
-        pairs.append((ort_logits, ref[:, -ort_logits.shape[1]:]))
-        nxt = torch.randint(0, vocab_size, (2, 1), generator=gen)
-        seq = torch.cat([seq, nxt], dim=1)
-        feeds = {"input_ids": nxt.numpy(), "attention_mask": np.ones(seq.shape, dtype=np.int64)}
-        feeds.update({name.replace("present.", "past_key_values."): value
-                      for name, value in out.items() if name.startswith("present.")})
-    record = compare(pairs, exact, logits=True)
-    record["decode_steps"] = steps
-    return record
+    def run_onnx(self, runtime) -> None:
+        gen = torch.Generator().manual_seed(0)
+        seq = torch.randint(0, self.vocab_size, (2, 12), generator=gen)
+        feeds = runtime.token_feeds(seq)
+        self.got = []
+        for _ in range(self.steps + 1):
+            out = runtime.run(feeds)
+            self.got.append((torch.from_numpy(np.asarray(out["logits"], dtype=np.float32)), seq))
+            nxt = torch.randint(0, self.vocab_size, (2, 1), generator=gen)
+            seq = torch.cat([seq, nxt], dim=1)
+            feeds = {"input_ids": nxt.numpy(), "attention_mask": np.ones(seq.shape, dtype=np.int64)}
+            feeds.update({name.replace("present.", "past_key_values."): value
+                          for name, value in out.items() if name.startswith("present.")})
+
+    @torch.no_grad()
+    def run_torch(self, reference: nn.Module) -> dict:
+        from squeeze.exporters.onnx.verify import compare
+
+        pairs = []
+        for got, seq in self.got:
+            ref = reference(input_ids=seq, attention_mask=torch.ones_like(seq)).logits.float()
+            pairs.append((got, ref[:, -got.shape[1]:]))
+        record = compare(pairs, self.exact, logits=True)
+        record["decode_steps"] = self.steps
+        return record

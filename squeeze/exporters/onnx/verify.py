@@ -74,24 +74,42 @@ def compare(outputs: list[tuple[torch.Tensor, torch.Tensor]], exact: bool, logit
     return record
 
 
-@torch.no_grad()
-def verify_tokens(runtime, reference: torch.nn.Module, kind: str, vocab_size: int, exact: bool) -> dict:
-    """Run a causal LM / encoder graph and its torch reference on `token_inputs`."""
-    pairs = []
-    for ids, mask in token_inputs(vocab_size):
-        name = "logits" if kind == "causal-lm" else "last_hidden_state"
-        ort_out = torch.from_numpy(np.asarray(runtime.run(runtime.token_feeds(ids, mask))[name], dtype=np.float32))
-        out = reference(input_ids=ids, attention_mask=mask)
-        pairs.append((ort_out, (out.logits if kind == "causal-lm" else out.last_hidden_state).float()))
-    return compare(pairs, exact, logits=kind == "causal-lm")
+class TokenCheck:
+    """A causal LM / encoder graph on `token_inputs` in onnxruntime, then its torch reference on the same inputs
+    (one after the other: the runtime is gone before the reference runs)."""
+
+    def __init__(self, kind: str, vocab_size: int, exact: bool):
+        self.kind, self.exact = kind, exact
+        self.name = "logits" if kind == "causal-lm" else "last_hidden_state"
+        self.inputs = token_inputs(vocab_size)
+        self.got: list[torch.Tensor] = []
+
+    def run_onnx(self, runtime) -> None:
+        self.got = [torch.from_numpy(np.asarray(runtime.run(runtime.token_feeds(ids, mask))[self.name], dtype=np.float32))
+                    for ids, mask in self.inputs]
+
+    @torch.no_grad()
+    def run_torch(self, reference: torch.nn.Module) -> dict:
+        pairs = []
+        for got, (ids, mask) in zip(self.got, self.inputs):
+            out = reference(input_ids=ids, attention_mask=mask)
+            pairs.append((got, (out.logits if self.kind == "causal-lm" else out.last_hidden_state).float()))
+        return compare(pairs, self.exact, logits=self.kind == "causal-lm")
 
 
-@torch.no_grad()
-def verify_module(runtime, reference: torch.nn.Module, example_inputs: tuple, graph_inputs: tuple, exact: bool) -> dict:
-    """Run a plain module's graph on ``graph_inputs`` and the module on ``example_inputs`` (the same, in its dtype)."""
-    feeds = {name: t.detach().cpu().numpy() for name, t in zip(runtime.input_names, graph_inputs)}
-    ort_outs = list(runtime.run(feeds).values())
-    ref = reference(*example_inputs)
-    refs = list(ref) if isinstance(ref, (tuple, list)) else [ref]
-    pairs = [(torch.from_numpy(np.asarray(o, dtype=np.float32)), r.float()) for o, r in zip(ort_outs, refs)]
-    return compare(pairs, exact, logits=False)
+class ModuleCheck:
+    """A plain module's graph on ``graph_inputs``, then the module on ``example_inputs`` (the same, in its dtype)."""
+
+    def __init__(self, example_inputs: tuple, graph_inputs: tuple, exact: bool):
+        self.example_inputs, self.graph_inputs, self.exact = example_inputs, graph_inputs, exact
+        self.got: list[torch.Tensor] = []
+
+    def run_onnx(self, runtime) -> None:
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(runtime.input_names, self.graph_inputs)}
+        self.got = [torch.from_numpy(np.asarray(o, dtype=np.float32)) for o in runtime.run(feeds).values()]
+
+    @torch.no_grad()
+    def run_torch(self, reference: torch.nn.Module) -> dict:
+        ref = reference(*self.example_inputs)
+        refs = list(ref) if isinstance(ref, (tuple, list)) else [ref]
+        return compare([(o, r.float()) for o, r in zip(self.got, refs)], self.exact, logits=False)
