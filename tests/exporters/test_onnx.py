@@ -83,7 +83,7 @@ def test_int4_matmulnbits_carries_squeeze_integers_exactly(exported, checkpoints
     by_prefix = {}
     for node in nodes:
         b_name = node.input[1]
-        by_prefix[b_name.rsplit(".", 1)[0].removeprefix("model.")] = node
+        by_prefix[b_name.rsplit(".", 1)[0]] = node  # initializers carry the checkpoint's tensor names
     assert set(by_prefix) == set(layers)
     for name, layer in layers.items():
         node = by_prefix[name]
@@ -120,7 +120,7 @@ def test_w8a8_qdq_uses_calibrated_scales_and_codes(exported, checkpoints):
     weight_dq = [n for n in _nodes(path, "DequantizeLinear") if n.input[0].endswith("weight_q")]
     assert len(quant_nodes) == len(weight_dq) == len(layers) == 35
     for node in weight_dq:
-        name = node.input[0].removeprefix("model.").rsplit(".", 1)[0]
+        name = node.input[0].rsplit(".", 1)[0]
         layer = layers[name]
         weight, scale, zero = (inits[i] for i in node.input)
         # Symmetric 8-bit codes c (zero point 128) are written as int8 c - 128 with zero point 0, transposed.

@@ -68,7 +68,7 @@ def test_int4_and_scales_in_the_file_are_the_checkpoints(dq_graph, checkpoints):
     assert len(nodes) == len(layers) == 35 and not [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     seen = set()
     for node in nodes:
-        name = node.input[0].removeprefix("model.").rsplit(".", 1)[0]
+        name = node.input[0].rsplit(".", 1)[0]
         layer = layers[name]
         seen.add(name)
         attrs = {a.name: a.i for a in node.attribute}

@@ -139,10 +139,10 @@ def write_graph(spec: GraphSpec, out: Path, config: ONNXExport, overwrite: bool,
     tmp_dir = stash.directory.parent
     raw_dir = tmp_dir / "raw"
     raw_dir.mkdir()
-    trace(spec.module, spec.args, raw_dir / "model.onnx", config.onnx_opset, spec.input_names, spec.output_names,
-          spec.dynamic_axes)
+    weights = trace(spec.module, spec.args, raw_dir / "model.onnx", config.onnx_opset, spec.input_names,
+                    spec.output_names, spec.dynamic_axes, stash)
     final = tmp_dir / out.name
-    write_model(raw_dir / "model.onnx", final, stash, stash.names(spec.module),
+    write_model(raw_dir / "model.onnx", final, stash, weights,
                 {"squeeze.kind": spec.kind, **spec.metadata}, config.external_data)
     shutil.rmtree(stash.directory)
     record = None

@@ -7,9 +7,9 @@ take separate roads, so that exporting a model never holds more than one block o
 1. `WeightStash.take`: as each block's layers are lowered to their ONNX forms, its tensors (cast to the
    graph's float type) go to a safetensors file in the scratch directory and are replaced in the module
    by placeholders: tensors of the same shape and dtype that occupy one element (stride 0).
-2. `trace`: torch.onnx traces the placeholder model with ``export_params=False`` (weights become named
-   graph inputs, no data) and without constant folding or de-duplication (both would compute on the
-   placeholders' values).
+2. `trace`: torch.onnx traces the placeholder model with the weights passed as extra graph inputs named
+   by their stash keys (no data, and no parameters for the exporter's passes to compute on), without
+   constant folding (which would compute on the placeholders' values).
 3. `write_model`: the graph inputs that are weights become initializers, read back from the stash one at
    a time. What constant folding would have done to a weight (Transpose, Cast; Identity renames) is done
    here on the real tensor; int8 weights of blocked DequantizeLinear become INT4. Initializers go to
@@ -88,9 +88,15 @@ class WeightStash:
                     module._buffers[local] = stand_in
                     self.keys[id(stand_in)] = key
 
-    def names(self, module: nn.Module) -> dict[str, str]:
-        """State-dict name in ``module`` (what the traced graph calls the input) -> stash key, for stashed tensors."""
-        return {name: self.keys[id(t)] for name, t in module.state_dict(keep_vars=True).items() if id(t) in self.keys}
+    def slots(self, module: nn.Module) -> dict[str, tuple[torch.Tensor, list[tuple[nn.Module, str, bool]]]]:
+        """Stash key -> (its placeholder, the (module, name, is parameter) slots holding it) under ``module``."""
+        out: dict[str, tuple[torch.Tensor, list]] = {}
+        for m in module.modules():
+            for store, is_param in ((m._parameters, True), (m._buffers, False)):
+                for local, t in store.items():
+                    if t is not None and id(t) in self.keys:
+                        out.setdefault(self.keys[id(t)], (t, []))[1].append((m, local, is_param))
+        return out
 
     def reader(self) -> ShardedReader:
         if self._reader is None:
@@ -107,18 +113,52 @@ def cast_nonpersistent_buffers(model: nn.Module, dtype: torch.dtype) -> None:
                 module._buffers[name] = b.to(dtype)
 
 
-def trace(module: nn.Module, args: tuple, path: Path, opset: int, input_names, output_names, dynamic_axes) -> None:
-    """torch.onnx (TorchScript) export of the graph alone: weights are inputs named by state-dict key."""
+class _WeightsAsInputs(nn.Module):
+    """``inner`` with its stashed tensors taken as extra forward arguments (put into their slots for the call).
+
+    The TorchScript exporter runs ONNX shape inference with its modules' parameter values at hand, which
+    materializes placeholders (4 GB on a 1.1B model); graph inputs carry only their shapes. ``inner`` is
+    held outside the module tree so that the tracer sees no parameters at all.
+    """
+
+    def __init__(self, inner: nn.Module, slots: list[list[tuple[nn.Module, str, bool]]]):
+        super().__init__()
+        object.__setattr__(self, "inner", inner)
+        self.slots = slots
+
+    def forward(self, *args):
+        n = len(args) - len(self.slots)
+        saved = []
+        try:
+            for owners, weight in zip(self.slots, args[n:]):
+                for module, local, is_param in owners:
+                    store = module._parameters if is_param else module._buffers
+                    saved.append((store, local, store[local]))
+                    store[local] = weight
+            return self.inner(*args[:n])
+        finally:
+            for store, local, old in reversed(saved):
+                store[local] = old
+
+
+def trace(module: nn.Module, args: tuple, path: Path, opset: int, input_names, output_names, dynamic_axes,
+          stash: WeightStash) -> list[str]:
+    """torch.onnx (TorchScript) export of the graph alone; the stashed weights are graph inputs named by their
+    stash keys (returned), the data stays in the stash."""
     from squeeze.exporters.onnx.matmulnbits import MatMulNBitsLinear
 
+    slots = stash.slots(module)
+    wrapped = _WeightsAsInputs(module, [owners for _, owners in slots.values()])
     contrib = any(isinstance(m, MatMulNBitsLinear) for m in module.modules())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, args, str(path), dynamo=False, input_names=input_names, output_names=output_names,
-            dynamic_axes=dynamic_axes, opset_version=opset, export_params=False, do_constant_folding=False,
-            keep_initializers_as_inputs=True, custom_opsets={"com.microsoft": 1} if contrib else None,
+            wrapped, tuple(args) + tuple(t.detach() for t, _ in slots.values()), str(path), dynamo=False,
+            input_names=list(input_names) + list(slots), output_names=output_names, dynamic_axes=dynamic_axes,
+            opset_version=opset, export_params=False, do_constant_folding=False,
+            custom_opsets={"com.microsoft": 1} if contrib else None,
         )
+    return list(slots)
 
 
 # ---- weights into the graph ------------------------------------------------------------------------
@@ -148,13 +188,13 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def fold_weights(graph, weights: dict[str, str]) -> dict[str, tuple[str, tuple]]:
+def fold_weights(graph, weights: set[str]) -> dict[str, tuple[str, tuple]]:
     """Remove the nodes that only transform a weight (Identity, Transpose, Cast) and return, for every
     weight-derived value the remaining graph reads, (stash key, the transforms to apply to it)."""
     from onnx import helper
 
     outputs = {o.name for o in graph.output}
-    values: dict[str, tuple[str, tuple]] = {name: (key, ()) for name, key in weights.items()}
+    values: dict[str, tuple[str, tuple]] = {name: (name, ()) for name in weights}
     kept = []
     for node in graph.node:
         source = node.input[0] if len(node.input) == 1 else None
@@ -212,17 +252,17 @@ def _planned_bytes(stash: WeightStash, values: dict[str, tuple[str, tuple]]) -> 
     return total
 
 
-def write_model(raw: Path, final: Path, stash: WeightStash, weights: dict[str, str], metadata: dict[str, str],
+def write_model(raw: Path, final: Path, stash: WeightStash, weights: list[str], metadata: dict[str, str],
                 external_data: bool | None) -> None:
-    """The traced graph ``raw`` with its weights from ``stash`` as initializers, saved as ``final`` (and
+    """The traced graph ``raw`` with its weight inputs (named by stash key) as initializers, saved as ``final`` (and
     ``final.name + ".data"`` when external) and checked with onnx.checker."""
     import onnx
 
     model = onnx.load(str(raw))
     graph = model.graph
-    values = fold_weights(graph, weights)
+    values = fold_weights(graph, set(weights))
     int4 = _int4_inputs(graph)
-    real_inputs = [i for i in graph.input if i.name not in weights]
+    real_inputs = [i for i in graph.input if i.name not in values and i.name not in weights]
     del graph.input[:]
     graph.input.extend(real_inputs)
     total = _planned_bytes(stash, values)
