@@ -26,6 +26,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+SCAN_CHUNK_BYTES = 64 * 2**20  # what `SafetensorsFile.scan` reads at a time
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -111,21 +112,28 @@ class SafetensorsFile:
         return list(self.entries)
 
     def scan(self, h=None) -> list[str]:
-        """Read the file tensor by tensor (feeding its bytes, in order, to the hash ``h`` when given); returns
-        the names of the floating-point tensors holding NaN or Inf."""
+        """Read the file in chunks of at most `SCAN_CHUNK_BYTES` (feeding its bytes, in order, to the hash ``h``
+        when given); returns the names of the floating-point tensors holding NaN or Inf. Memory: one chunk
+        and its isfinite temporaries, whatever the tensors' sizes."""
         bad = []
         h = h if h is not None else _NoHash()
+        buffer = memoryview(bytearray(SCAN_CHUNK_BYTES))
         with self.path.open("rb") as fh:
             h.update(fh.read(self.data_start))
             for name, (dtype, shape, begin, end) in sorted(self.entries.items(), key=lambda e: e[1][2]):
                 fh.seek(self.data_start + begin)
-                raw = bytearray(end - begin)
-                if fh.readinto(raw) != end - begin:
-                    raise self._corrupt(f"tensor {name!r} is truncated")
-                h.update(raw)
-                if dtype.is_floating_point and raw:
-                    if not bool(torch.isfinite(torch.frombuffer(raw, dtype=dtype)).all()):
-                        bad.append(name)
+                step = SCAN_CHUNK_BYTES - SCAN_CHUNK_BYTES % dtype.itemsize
+                finite, left = True, end - begin
+                while left:
+                    chunk = buffer[: min(step, left)]
+                    if fh.readinto(chunk) != len(chunk):
+                        raise self._corrupt(f"tensor {name!r} is truncated")
+                    h.update(chunk)
+                    if dtype.is_floating_point and finite:
+                        finite = bool(torch.isfinite(torch.frombuffer(chunk, dtype=dtype)).all())
+                    left -= len(chunk)
+                if not finite:
+                    bad.append(name)
             h.update(fh.read())
         return bad
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from squeeze.errors import SqueezeError
+from squeeze.exporters.onnx.matmulnbits import traced_output
 from squeeze.modules import QuantLinear
 from squeeze.primitives import group_index
 from squeeze.scheme import QuantScheme
@@ -77,6 +78,8 @@ class _BlockDequantMatMulFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scales, block_size: int):
+        if torch.jit.is_tracing():
+            return traced_output(x, weight.shape[1])
         k = weight.shape[0]
         per_row = scales.repeat_interleave(block_size, dim=0)[:k]
         return torch.matmul(x, (weight.to(scales.dtype) * per_row).to(x.dtype))

@@ -151,6 +151,7 @@ def write_graph(spec: GraphSpec, out: Path, config: ONNXExport, overwrite: bool,
         check.run_onnx(runtime)
         del runtime
         gc.collect()
+        return_freed_memory()  # the session's arena, before the reference reads its first weights
         with reference() as model:
             record = check.run_torch(model)
     size = artifact_size(final)

@@ -100,11 +100,23 @@ def input_permutation(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | No
     return torch.sort(g_idx.to(torch.int64), stable=True).indices
 
 
+def traced_output(x: torch.Tensor, n: int) -> torch.Tensor:
+    """What a lowered layer's forward returns while torch.onnx traces it: the right shape, no numbers.
+
+    The trace keeps only the symbolic's node; computing the real product would dequantize the layer's
+    weight inside the trace, and the trace holds such values until it ends (the whole model's weights
+    in float). Numbers are checked afterwards, in onnxruntime against the torch reference.
+    """
+    return x.new_zeros(*x.shape[:-1], n)
+
+
 class _MatMulNBitsFn(torch.autograd.Function):
     """Forward: the operator's semantics in torch (what tracing runs); symbolic: the ONNX node."""
 
     @staticmethod
     def forward(ctx, x, packed, scales, zero_points, k: int, n: int, bits: int, block_size: int):
+        if torch.jit.is_tracing():
+            return traced_output(x, n)
         n_blocks = packed.shape[1]
         codes = _unpack_low_first(packed, bits).reshape(n, -1)[:, :k].float()
         zeros = unpack_zero_points(zero_points, bits, n, n_blocks).float()

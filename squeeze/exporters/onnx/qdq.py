@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from squeeze.errors import SqueezeError
+from squeeze.exporters.onnx.matmulnbits import traced_output
 from squeeze.modules import QuantLinear
 
 # activation encoding -> (zero point dtype, zero point): both give exactly squeeze's symmetric int8.
@@ -63,6 +64,8 @@ class _QDQMatMulFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, act_scale, act_zero, weight, w_scale, w_zero):
+        if torch.jit.is_tracing():
+            return traced_output(x, weight.shape[1])
         if act_scale is not None:
             lo, hi = (0, 255) if act_zero.dtype == torch.uint8 else (-128, 127)
             q = torch.clamp(torch.round(x / act_scale) + act_zero.float(), lo, hi)
