@@ -138,8 +138,10 @@ def _process_block(model: nn.Module, config: GPTQ, schemes: dict[str, QuantSchem
         # true sequential: each group's Hessian is taken on inputs that passed the quantized groups before it
         stages = [[g] for g in groups] if config.true_sequential else [groups]
         records = {}
-        for stage in stages:
+        for i, stage in enumerate(stages):
             stats = statistics(prefix, block, inputs, stage, layers)
+            if i == len(stages) - 1:
+                inputs.replay = None  # no pass over this block replays anything now: free it before the solves
             for n in (n for g in stage for n in g):
                 hessian, cross, energy = stats[n]
                 result = quantize_linear(layers[n], hessian, config, schemes[n], cross, energy)

@@ -337,3 +337,19 @@ def test_importance_weighted_blocks_match_llamacpp_imatrix_quality(name):
     ours = err(dequantize_blocks(quantize_blocks(x, name, importance)))
     assert ours < 1.1 * err(get_codec(name).dequantize(theirs))
     assert ours < 0.9 * err(dequantize_blocks(quantize_blocks(x, name)))
+
+
+@pytest.mark.parametrize("qtype", sorted(n for n, f in FORMATS.items() if not f.is_float))
+def test_row_chunks_give_the_same_bytes(qtype, monkeypatch):
+    # Large tensors are (de)quantized a few rows at a time to bound memory; rows are independent, so the
+    # bytes and the values are those of one call over the whole tensor.
+    from squeeze.exporters.gguf import codecs
+
+    codec = get_codec(qtype)
+    cols = 2 * FORMATS[qtype].block_size
+    x = np.random.default_rng(0).standard_normal((37, cols)).astype(np.float32)
+    whole_raw, whole = codec.quantize(x), codec.dequantize(codec.quantize(x))
+    monkeypatch.setattr(codecs, "ROW_CHUNK_BYTES", 5 * cols * 4)  # 5 rows per chunk, the last one short
+    assert np.array_equal(codec.quantize(x), whole_raw)
+    assert np.array_equal(codec.dequantize(whole_raw), whole)
+    assert np.array_equal(codec.quantize(x.reshape(1, 37, cols)), whole_raw.reshape(1, 37, -1))

@@ -383,6 +383,21 @@ def _float_to_bf16(x: np.ndarray) -> np.ndarray:
     return ((n.astype(np.uint64) + (0x7FFF + ((n >> 16) & 1))) >> 16).astype(np.uint16)
 
 
+ROW_CHUNK_BYTES = 32 * 2**20  # float32 rows handed to the block (de)quantizers at once
+
+
+def _by_rows(x: np.ndarray, convert, out_cols: int, out_dtype, row_bytes: int | None = None) -> np.ndarray:
+    """``convert`` (rows are independent) applied to ``x``'s rows in chunks of about `ROW_CHUNK_BYTES` of float32."""
+    flat = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+    step = max(1, ROW_CHUNK_BYTES // (row_bytes or x.shape[-1] * 4))
+    if flat.shape[0] <= step:
+        return convert(x)
+    out = np.empty((flat.shape[0], out_cols), dtype=out_dtype)
+    for start in range(0, flat.shape[0], step):
+        out[start:start + step] = convert(flat[start:start + step])
+    return out.reshape(*x.shape[:-1], out_cols)
+
+
 @dataclass(frozen=True)
 class Codec:
     """Float rows <-> GGUF bytes for one ggml type."""
@@ -390,13 +405,15 @@ class Codec:
     fmt: GGMLFormat
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
-        """float rows ``(..., cols)`` -> uint8 ``(..., n_blocks * type_size)``."""
+        """float rows ``(..., cols)`` -> uint8 ``(..., n_blocks * type_size)``; block types a few rows at a time
+        (`ROW_CHUNK_BYTES` of input), so a 400 MB output layer costs 400 MB of temporaries, not a gigabyte."""
         x = np.ascontiguousarray(x, dtype=F32)
         if x.ndim == 0:
             raise ValueError("expected at least one dimension")
         _check_cols(self.fmt, x.shape[-1])
         if not self.fmt.is_float:
-            return pack(quantize_blocks(x, self.fmt.name))
+            return _by_rows(x, lambda rows: pack(quantize_blocks(rows, self.fmt.name)),
+                            x.shape[-1] // self.fmt.block_size * self.fmt.type_size, np.uint8)
         y = {"F32": lambda: x, "F16": lambda: to_f16(x), "BF16": lambda: _float_to_bf16(x)}[self.fmt.name]()
         return np.ascontiguousarray(y).view(np.uint8)
 
@@ -404,7 +421,11 @@ class Codec:
         """uint8 ``(..., nbytes)`` -> float32 ``(..., cols)``."""
         raw = np.ascontiguousarray(raw, dtype=np.uint8)
         if not self.fmt.is_float:
-            return dequantize_blocks(unpack(raw, self.fmt.name))
+            if raw.ndim == 0 or raw.shape[-1] % self.fmt.type_size:
+                return dequantize_blocks(unpack(raw, self.fmt.name))  # unpack's error names the problem
+            cols = raw.shape[-1] // self.fmt.type_size * self.fmt.block_size
+            return _by_rows(raw, lambda rows: dequantize_blocks(unpack(rows, self.fmt.name)), cols, F32,
+                            row_bytes=cols * 4)
         if raw.shape[-1] % self.fmt.type_size:
             raise ValueError(f"{raw.shape[-1]} bytes per row is not a multiple of {self.fmt.type_size}")
         if self.fmt.name == "F32":
