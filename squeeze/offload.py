@@ -74,6 +74,22 @@ def return_freed_memory() -> None:
         pass
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LARGE_ALLOCATION_BYTES = 8 * 2**20
+
+
+def map_large_allocations(threshold: int = LARGE_ALLOCATION_BYTES) -> bool:
+    """Ask glibc to serve every allocation of ``threshold`` bytes or more with its own mapping, unmapped when
+    freed (True if it took). By default the threshold rises up to 32 MiB as large tensors are freed, and the
+    8-32 MiB tensors of a calibration pass then fragment the heap: on a 1.1B model's GPTQ block the peak was
+    2.21 GB with glibc's default and 1.96 GB with 8 MiB (the page faults of fresh mappings cost a few percent
+    of the block's time). For the rest of the process."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (None where there is none)."""
     try:

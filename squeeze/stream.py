@@ -39,7 +39,7 @@ from squeeze.fsutil import atomic_output_dir, dead_temporaries, scratch_dir
 from squeeze.lazy import LazyModel, LazyUnavailable, release
 from squeeze.model import select_linears
 from squeeze.modules import QuantLinear
-from squeeze.offload import OffloadedBatches, return_freed_memory, should_offload
+from squeeze.offload import OffloadedBatches, map_large_allocations, return_freed_memory, should_offload
 from squeeze.recipe import Recipe
 from squeeze.registry import pass_for_config
 from squeeze.runner import block_layers
@@ -276,6 +276,7 @@ def quantize_streamed(src: Path, out: Path, recipe: Recipe, calib, dtype: torch.
                       offload: Path | None = None) -> Path:
     """`squeeze.api.quantize_dir` for a model directory of safetensors, one block in memory at a time;
     calibration activations on disk in ``offload`` (else in memory, or in the temporary output past a limit)."""
+    map_large_allocations()  # this path exists to keep memory low: no heap fragmentation from 8-32 MiB tensors
     streamed = LazyModel(src, dtype, hash_weights=True)
     if streamed.quantized:
         raise StreamUnavailable("it is a quantized checkpoint")

@@ -22,6 +22,7 @@ from squeeze.passes.gptq_core import (CrossAccumulator, GPTQResult, HessianAccum
                                      gptq_quantize, output_rel_error)
 from squeeze.precision import check_calib_precision
 from squeeze.registry import register_pass
+from squeeze.lazy import release
 from squeeze.runner import BlockInputs, collect_inputs, collect_paired_inputs, groups_by_shared_input, run_sequential
 from squeeze.scheme import GGUFMix, QuantScheme, get_scheme
 
@@ -114,6 +115,8 @@ def install(model: nn.Module, name: str, module: nn.Module, result: GPTQResult, 
     record = replace_with_quant_linear(model, name, module, scheme, result.codes, qp)
     record["output_rel_mse"] = output_rel_error(weight, result.values, hessian)
     record["damp"] = result.damp
+    del weight
+    release(module)  # the float layer is out of the model; the runner's layer table would keep its weight alive
     return record
 
 

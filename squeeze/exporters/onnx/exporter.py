@@ -6,7 +6,12 @@ group-wise 2/4/8-bit weight-only becomes com.microsoft MatMulNBits, or (``int4_e
 TensorRT's form) 4-bit symmetric group-wise becomes INT4 DequantizeLinear -> MatMul at opset 21.
 The file is written in a temporary directory, checked with onnx.checker, run in onnxruntime against
 squeeze's torch model of the same weights, and only then moved into place (with its external data
-file when the weights exceed the protobuf limit).
+file when the weights exceed 256 MiB).
+
+A model directory with transformer blocks is exported block by block (`squeeze.lazy`, `weights.py`): each
+block is read, lowered and its weights stashed before the next is read; the graph is traced on placeholder
+weights; the weights are written into the file one tensor at a time; the torch reference that checks the
+file runs block by block as well. Peak memory on a 4.7 GB model: reports/streaming.md.
 """
 
 from __future__ import annotations

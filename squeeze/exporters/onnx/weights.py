@@ -13,7 +13,7 @@ take separate roads, so that exporting a model never holds more than one block o
 3. `write_model`: the graph inputs that are weights become initializers, read back from the stash one at
    a time. What constant folding would have done to a weight (Transpose, Cast; Identity renames) is done
    here on the real tensor; int8 weights of blocked DequantizeLinear become INT4. Initializers go to
-   ``FILE.onnx.data`` (offsets of large tensors aligned to 64 KiB, so onnxruntime can map them) unless the
+   ``FILE.onnx.data`` (tensors of 1 MiB and more at 64 KiB-aligned offsets, as onnx's writer does) unless the
    weights are small enough to sit inside the .onnx.
 """
 
