@@ -113,7 +113,7 @@ def run_step(step: str, model: Path, work: Path, export_source: str = "gptq") ->
     raise ValueError(step)
 
 
-def write_report(results: dict, model: Path, out: Path) -> None:
+def write_report(results: dict, model: Path, out: Path, work: Path) -> None:
     size = checkpoint_bytes(model)
     bounds = {"rtn": 1.5 * GB, "gptq": 0.5 * size, "gguf": 0.5 * size, "onnx": 0.5 * size}
     lines = [
@@ -135,12 +135,22 @@ def write_report(results: dict, model: Path, out: Path) -> None:
         ok = "yes" if rss <= bounds[step] else "**no**"
         lines.append(f"| {step} | {rss / GB:.2f} | {rss / size:.2f} | {bounds[step] / GB:.2f} | {ok} | {r['seconds']} |")
     lines += ["", "Commands:", ""] + [f"- {step}: `{results[step]['command']}`" for step in STEPS if step in results]
+    run_log = work / "gptq" / "squeeze-run.json"
+    if "gptq" in results and run_log.is_file():
+        blocks = json.loads(run_log.read_text())["blocks"]
+        seconds = sorted(b["seconds"] for b in blocks)
+        peaks = [b["peak_rss_bytes"] / GB for b in blocks]
+        lines += ["", "GPTQ per block (`squeeze-run.json`: seconds, and the process's peak RSS so far after each block):",
+                  "", f"- seconds per block: median {seconds[len(seconds) // 2]:.1f}, min {seconds[0]:.1f}, "
+                  f"max {seconds[-1]:.1f} ({len(blocks)} blocks)",
+                  "- peak RSS after each block (GB): " + ", ".join(f"{p:.2f}" for p in peaks)]
     out.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--steps", nargs="*", choices=STEPS, default=list(STEPS),
+                        help="steps to run (none: rewrite the report from the stored results)")
     parser.add_argument("--work", type=Path, default=cache_dir() / "bench-streaming")
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "streaming.md")
     parser.add_argument("--export-source", choices=("gptq", "rtn"), default="gptq",
@@ -156,7 +166,7 @@ def main() -> None:
         print(f"{step}: {results[step]['peak_rss_bytes'] / GB:.2f} GB peak, {results[step]['seconds']} s",
               file=sys.stderr, flush=True)
         results_file.write_text(json.dumps(results, indent=2))
-    write_report(results, model, args.report)
+    write_report(results, model, args.report, args.work)
     print(f"wrote {args.report}", file=sys.stderr)
 
 
