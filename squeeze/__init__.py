@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "quantize": "squeeze.api",
     "quantize_dir": "squeeze.api",
+    "prune": "squeeze.api",
     "load": "squeeze.api",
     "save": "squeeze.api",
     "evaluate": "squeeze.api",
@@ -26,6 +27,9 @@ _EXPORTS = {
     "GPTQ": "squeeze.passes.gptq",
     "AWQ": "squeeze.passes.awq",
     "SmoothQuant": "squeeze.passes.smoothquant",
+    "Magnitude": "squeeze.passes.prune",
+    "Wanda": "squeeze.passes.prune",
+    "SparseGPT": "squeeze.passes.prune",
     "Recipe": "squeeze.recipe",
     "CalibConfig": "squeeze.calib",
     "load_calibration": "squeeze.calib",

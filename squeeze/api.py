@@ -48,8 +48,21 @@ def quantize(model: nn.Module, config, calib: CalibrationSet | None = None) -> d
             raise SqueezeError(f"method {entry.name!r} with this scheme needs calibration data")
         with torch.no_grad():
             for name, rec in entry.apply(model, pass_config, calib).items():
-                records[name] = {"method": entry.name, "scheme": pass_config.scheme.name, **rec}
+                records[name] = {"method": entry.name, **_grid_label(pass_config), **rec}
     return records
+
+
+def _grid_label(pass_config) -> dict[str, str]:
+    """A quantization pass's scheme name, a pruning pass's pattern ("0.5", "2:4")."""
+    if hasattr(pass_config, "scheme"):
+        return {"scheme": pass_config.scheme.name}
+    return {"pattern": pass_config.label}
+
+
+def prune(model: nn.Module, config, calib: CalibrationSet | None = None) -> dict[str, dict]:
+    """Prune ``model`` in place with a pruning pass config (`Magnitude`, `Wanda`, `SparseGPT`) or a Recipe;
+    returns per-layer records (sparsity, weight error). The same as `quantize`, named for what it does."""
+    return quantize(model, config, calib)
 
 
 def _resolve_dtype(name: str | None) -> torch.dtype | None:

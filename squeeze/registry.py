@@ -33,6 +33,7 @@ def _load_builtin_passes() -> None:
     # Importing a pass module runs its register_pass call; the list is explicit.
     import squeeze.passes.awq  # noqa: F401
     import squeeze.passes.gptq  # noqa: F401
+    import squeeze.passes.prune  # noqa: F401
     import squeeze.passes.rtn  # noqa: F401
     import squeeze.passes.smoothquant  # noqa: F401
 
