@@ -80,3 +80,21 @@ def test_configs_and_recipes():
 def test_calibrated_pruning_needs_data(stories_dir):
     with pytest.raises(SqueezeError, match="needs calibration data"):
         api.prune(squeeze.load(stories_dir), Wanda())
+
+
+@pytest.mark.parametrize("then", ["gptq", "rtn", "awq"])
+def test_masks_survive_quantization(stories_dir, calib, then):
+    # Prune 50% with Wanda, then quantize to 4 bits: every pruned weight dequantizes to exactly 0 (GPTQ's
+    # updates would otherwise revive them), in memory and through a saved checkpoint.
+    from squeeze.modules import QuantLinear
+
+    model = squeeze.load(stories_dir)
+    api.prune(model, Wanda(sparsity=0.5), calib)
+    masks = {n: m.weight.detach() == 0 for n, m in select_linears(model).items()}
+    quant = {"gptq": squeeze.GPTQ, "rtn": squeeze.RTN, "awq": squeeze.AWQ}[then](scheme=squeeze.get_scheme("w4g32-asym"))
+    api.quantize(model, quant, calib)
+    for name, mask in masks.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, QuantLinear)
+        w = layer.dequantized_weight()
+        assert mask.float().mean() == pytest.approx(0.5, abs=1e-3) and (w[mask] == 0).all(), name

@@ -265,8 +265,14 @@ def gptq_quantize(
     importance (`WeightGrid.fit`), instead of on the group's range alone.
     ``shrink``: the error updates use `shrink_to_diagonal` (H, shrink); 1 gives importance-weighted rounding.
     ``importance`` [cols]: the weighted fit's column importance instead of H's diagonal.
+
+    Weights that are exactly zero (a pruned layer's mask) stay zero: they are rounded to the grid's value
+    nearest 0 (0 itself on integer grids) whatever the updates did to them, and what that costs is passed on
+    to the columns not yet quantized, as SparseGPT does for its masks.
     """
     W = weight.detach().float().clone()
+    pruned = W == 0
+    pruned = pruned if bool(pruned.any()) else None
     H = hessian.detach().float().clone()
     rows, cols = W.shape
     dead = torch.diag(H) == 0
@@ -290,6 +296,7 @@ def gptq_quantize(
             params[g] = fit(W[:, g * gs : (g + 1) * gs], slice(g * gs, (g + 1) * gs))
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W = W[:, perm]
+    prunedT = pruned[:, perm].t().contiguous() if pruned is not None else None
     reverse = perm.flip(0)  # H in the reversed permuted order is what the Cholesky step factors
     holder = [H[reverse]]
     del H
@@ -322,6 +329,10 @@ def gptq_quantize(
                     current = params[g] = fit(W1[i : i + gs].t(), slice(col, col + gs), perm)
             group_of[col] = g
             c, q = grid.nearest(W1[i].unsqueeze(1), current, offset)
+            if prunedT is not None and bool(prunedT[col].any()):
+                c0, q0 = grid.nearest(torch.zeros_like(W1[i]).unsqueeze(1), current, offset)
+                keep = prunedT[col].unsqueeze(1)
+                c, q = torch.where(keep, c0, c), torch.where(keep, q0, q)
             codesT[col], QT[col] = c[:, 0], q[:, 0]
             err = torch.sub(W1[i], q[:, 0]).div_(Hinv1[i, i])
             W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1.0)
