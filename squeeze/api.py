@@ -17,7 +17,7 @@ from torch import nn
 
 from squeeze.calib import SELF, CalibConfig, CalibrationSet, load_calibration, read_text, tokenize_stream
 from squeeze.checkpoint import gptq as ckpt
-from squeeze.checkpoint.record import checkpoint_metadata, checkpoint_scheme
+from squeeze.checkpoint.record import checkpoint_metadata, checkpoint_scheme, is_pruning, layer_record
 from squeeze.checkpoint.shards import shard_limit
 from squeeze.errors import SqueezeError
 from squeeze.exporters import OUTPUT_SUFFIXES, Artifact, get_exporter
@@ -48,15 +48,8 @@ def quantize(model: nn.Module, config, calib: CalibrationSet | None = None) -> d
             raise SqueezeError(f"method {entry.name!r} with this scheme needs calibration data")
         with torch.no_grad():
             for name, rec in entry.apply(model, pass_config, calib).items():
-                records[name] = {"method": entry.name, **_grid_label(pass_config), **rec}
+                records[name] = layer_record(records.get(name), entry.name, pass_config, rec)
     return records
-
-
-def _grid_label(pass_config) -> dict[str, str]:
-    """A quantization pass's scheme name, a pruning pass's pattern ("0.5", "2:4")."""
-    if hasattr(pass_config, "scheme"):
-        return {"scheme": pass_config.scheme.name}
-    return {"pattern": pass_config.label}
 
 
 def prune(model: nn.Module, config, calib: CalibrationSet | None = None) -> dict[str, dict]:
@@ -124,11 +117,11 @@ def save(
     """Write a quantized model as a GPTQ-layout checkpoint directory, atomically (in shards of at most
     ``max_shard_size``, e.g. "2GB"; default 5GB)."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not layers:
+    passes = _as_recipe(recipe).passes if recipe is not None else ()
+    if not layers and not (passes and all(is_pruning(p) for p in passes)):
         raise SqueezeError("the model has no quantized layers to save; run squeeze.quantize first")
     layer_schemes = {n: m.scheme for n, m in layers.items()}
-    passes = _as_recipe(recipe).passes if recipe is not None else ()
-    scheme = checkpoint_scheme(layer_schemes, passes)
+    scheme = checkpoint_scheme(layer_schemes, passes) if layers else None  # None: pruned, float
     shard_bytes = shard_limit(max_shard_size)
     source_path = Path(source) if source is not None else None
     recipe_dict = _as_recipe(recipe).to_dict() if recipe is not None else None

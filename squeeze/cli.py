@@ -137,7 +137,6 @@ def quantize(ctx, model, output, method, scheme, bits, group_size, granularity, 
              uncapped_fit, clip, shrink, float_target, alpha, dtype, recipe, max_shard_size, resume,
              offload_activations, workers, overwrite, allow_pickle) -> int | None:
     """Quantize MODEL (a Hugging Face model directory or a GGUF file) into a checkpoint at OUTPUT."""
-    from squeeze import api
     from squeeze.calib import SELF, CalibConfig
     from squeeze.checkpoint.shards import shard_limit
     from squeeze.fsutil import check_output_path
@@ -157,9 +156,7 @@ def quantize(ctx, model, output, method, scheme, bits, group_size, granularity, 
         raise SqueezeError(f"--bits must be from {MIN_BITS} to {MAX_BITS}, got {bits}")
     if group_size is not None and group_size <= 0:
         raise SqueezeError(f"--group-size must be a positive integer, got {group_size}")
-    if calib is not None and calib != SELF and not Path(calib).is_file():
-        what = "is not a file" if Path(calib).exists() else "does not exist"
-        raise SqueezeError(f"calibration file {calib!r} {what} (or pass --calib self)")
+    _check_calib_file(calib)
     options = _method_options(method, {"damp": damp, "block_size": block_size, "act_order": act_order,
                                        "static_groups": static_groups, "alpha": alpha, "weighted_fit": weighted_fit, "clip": clip,
                                        "uncapped_fit": uncapped_fit,
@@ -180,6 +177,23 @@ def quantize(ctx, model, output, method, scheme, bits, group_size, granularity, 
         raise SqueezeError(f"--workers must be at least 1, got {workers}")
     if workers > 1 and "WORLD_SIZE" not in os.environ:  # every input checked: start the ranks
         return _launch_workers(workers, ctx.find_root().obj["argv"])
+    _write_dir(model, output, config, calib_config, dtype, overwrite, allow_pickle, max_shard_size, resume,
+               offload_activations)
+
+
+def _check_calib_file(calib) -> None:
+    from squeeze.calib import SELF
+
+    if calib is not None and calib != SELF and not Path(calib).is_file():
+        what = "is not a file" if Path(calib).exists() else "does not exist"
+        raise SqueezeError(f"calibration file {calib!r} {what} (or pass --calib self)")
+
+
+def _write_dir(model, output, config, calib_config, dtype, overwrite, allow_pickle, max_shard_size, resume,
+               offload_activations) -> None:
+    """`squeeze.api.quantize_dir` for quantize and prune, saying what it wrote."""
+    from squeeze import api
+
     if offload_activations is not None and not offload_activations.is_dir():
         raise SqueezeError(f"--offload-activations {str(offload_activations)!r} is not a directory")
     out = api.quantize_dir(model, output, config, calib_config, dtype, overwrite, allow_pickle,
@@ -188,6 +202,61 @@ def quantize(ctx, model, output, method, scheme, bits, group_size, granularity, 
                            notify=lambda message: click.echo(message, err=True))
     if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks say nothing
         click.echo(f"wrote {out}", err=True)
+
+
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output model directory.")
+@click.option("--method", type=click.Choice(PRUNE_METHODS), default="wanda", show_default=True,
+              help="magnitude (|W|, no data), wanda (|W| x input norm), sparsegpt (masks and updates with the "
+                   "inverse Hessian).")
+@click.option("--sparsity", type=float, default=None, help="Share of each layer's weights set to zero, 0-0.9 [0.5].")
+@click.option("--mask", default=None, help="N:M pattern instead of --sparsity: N of every M inputs kept (2:4, 4:8).")
+@click.option("--targets", multiple=True, help="Layers to prune (glob, suffix, or re:REGEX); repeatable.")
+@click.option("--ignore", multiple=True, help="Layers to leave dense (same patterns); repeatable.")
+@click.option("--calib", default=None,
+              help="Calibration text file for wanda/sparsegpt [default: the bundled stories sample].")
+@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calib-precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
+              help="wanda/sparsegpt: arithmetic of the calibration forwards [auto].")
+@click.option("--block-size", type=int, default=None, help="sparsegpt: columns sharing a mask decision [128].")
+@click.option("--damp", type=float, default=None, help="sparsegpt: dampening, a fraction of the mean Hessian diagonal [0.01].")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
+@click.option("--max-shard-size", default=None, help="Largest weight file of the output (e.g. 2GB) [5GB].")
+@click.option("--resume/--no-resume", default=None, help="As for quantize: continue an interrupted run of the same command.")
+@click.option("--offload-activations", type=click.Path(path_type=Path), default=None,
+              help="Keep the calibration activations in this directory, not in memory.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@ALLOW_PICKLE
+def prune(model, output, method, sparsity, mask, targets, ignore, calib, nsamples, seqlen, seed, calib_precision,
+          block_size, damp, dtype, max_shard_size, resume, offload_activations, overwrite, allow_pickle) -> None:
+    """Prune MODEL (a Hugging Face model directory) into a model directory at OUTPUT: weights set to zero in
+    place, shapes kept (the file is as large and as fast as before: quantize it, or see README on pruning)."""
+    from squeeze.calib import SELF, CalibConfig
+    from squeeze.checkpoint.shards import shard_limit
+    from squeeze.fsutil import check_output_path
+    from squeeze.registry import get_pass
+    from squeeze.sources import validate_source
+
+    validate_source(model, allow_pickle)
+    check_output_path(output, overwrite, inputs=(model, None if calib in (None, SELF) else calib))
+    _check_calib_file(calib)
+    given = {"calib_precision": calib_precision, "block_size": block_size, "damp": damp}
+    allowed = {"magnitude": (), "wanda": ("calib_precision",), "sparsegpt": ("calib_precision", "block_size", "damp")}
+    for key, value in given.items():
+        if value is not None and key not in allowed[method]:
+            raise SqueezeError(f"--{key.replace('_', '-')} does not apply to --method {method}")
+    options = {k: v for k, v in given.items() if v is not None}
+    config = get_pass(method).config_cls(sparsity=sparsity, mask=mask, targets=tuple(targets) or None,
+                                         ignore=tuple(ignore), **options)
+    shard_limit(max_shard_size)
+    _write_dir(model, output, config, CalibConfig(calib, nsamples, seqlen, seed), dtype, overwrite, allow_pickle,
+               max_shard_size, resume, offload_activations)
 
 
 @cli.command(name="eval")

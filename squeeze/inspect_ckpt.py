@@ -69,6 +69,13 @@ def describe(path: str | Path) -> dict:
 def format_description(d: dict) -> str:
     qc = d["quantization_config"]
     lines = [f"path:       {d['path']}", f"model_type: {d['model_type']}"]
+    pruned = [r for r in d["layers"].values() if "sparsity" in r]
+    if pruned:
+        share = sum(r["sparsity"] for r in pruned) / len(pruned)
+        methods = sorted({r.get("pruned_by", r.get("method")) for r in pruned})
+        patterns = sorted({r["pattern"] for r in pruned})
+        lines.append(f"pruned:     {len(pruned)} layers by {', '.join(methods)} ({', '.join(patterns)}), "
+                     f"mean sparsity {share:.3f}")
     if qc is None:
         lines.append("quantized:  no (float checkpoint)")
     else:
@@ -89,9 +96,11 @@ def format_description(d: dict) -> str:
     if errors:
         lines.append("")
         out_header = f"{'output rel. MSE':>18}" if any("output_rel_mse" in r for _, r in errors) else ""
-        lines.append(f"{'layer':<40}{'scheme':>14}{'weight rel. MSE':>18}{out_header}")
+        sparse_header = f"{'sparsity':>10}" if pruned else ""
+        lines.append(f"{'layer':<40}{'scheme':>14}{'weight rel. MSE':>18}{out_header}{sparse_header}")
         for n, r in errors:
-            extra = f"{r['output_rel_mse']:>18.3e}" if "output_rel_mse" in r else ""
+            extra = f"{r['output_rel_mse']:>18.3e}" if "output_rel_mse" in r else (" " * 18 if out_header else "")
+            extra += f"{r['sparsity']:>10.3f}" if "sparsity" in r else ""
             lines.append(f"{n:<40}{r.get('scheme', '-'):>14}{r['weight_rel_mse']:>18.3e}{extra}")
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from squeeze import __version__, distributed
 from squeeze.checkpoint import gptq as ckpt
-from squeeze.checkpoint.record import RUN_LOG_NAME, checkpoint_metadata, checkpoint_scheme
+from squeeze.checkpoint.record import RUN_LOG_NAME, checkpoint_metadata, checkpoint_scheme, is_pruning, layer_record
 from squeeze.checkpoint.shards import ShardedReader, save_tensors
 from squeeze.distributed import DataParallel
 from squeeze.errors import SqueezeError
@@ -262,7 +262,7 @@ def _collect(recipe: Recipe, journal: Journal, n_blocks: int) -> tuple[dict, dic
         for i in range(n_blocks):
             info = journal.info(p, i)
             for layer, rec in info["records"].items():
-                records[layer] = {"method": name, "scheme": config.scheme.name, **rec}
+                records[layer] = layer_record(records.get(layer), name, config, rec)
             log.append({"pass": p, "method": name, "block": i, "seconds": info["seconds"],
                         "peak_rss_bytes": info["peak_rss_bytes"]})
             if p == last:
@@ -307,9 +307,9 @@ def quantize_streamed(src: Path, out: Path, recipe: Recipe, calib, dtype: torch.
         _run_passes(streamed, recipe, calib, journal, offload_dir, tmp, notify, dp)
         n_blocks = len(streamed.blocks)
         records, schemes, desc_act, log = _collect(recipe, journal, n_blocks)
-        if not schemes:
+        if not schemes and not all(is_pruning(p) for p in recipe.passes):
             raise SqueezeError("the recipe quantized no layers; check --targets/--ignore")
-        scheme = checkpoint_scheme(schemes, recipe.passes)
+        scheme = checkpoint_scheme(schemes, recipe.passes) if schemes else None  # None: pruned, float
         metadata = checkpoint_metadata(scheme, schemes, records, recipe.to_dict(), calib, src, inputs["model"])
         config_json = ckpt.checkpoint_config(None, src, scheme, schemes, desc_act)
         last = len(recipe.passes) - 1

@@ -98,3 +98,60 @@ def test_masks_survive_quantization(stories_dir, calib, then):
         assert isinstance(layer, QuantLinear)
         w = layer.dequantized_weight()
         assert mask.float().mean() == pytest.approx(0.5, abs=1e-3) and (w[mask] == 0).all(), name
+
+
+@pytest.mark.parametrize("method, pattern", [("magnitude", {"sparsity": 0.5}), ("wanda", {"mask": "2:4"}),
+                                             ("sparsegpt", {"sparsity": 0.6})])
+def test_block_by_block_equals_in_memory(method, pattern, stories_dir, tmp_path):
+    # squeeze prune / quantize_dir read the model one block at a time; the weights are those of pruning the
+    # whole model in memory, and the output is a plain float model directory.
+    calib_config = CalibConfig(nsamples=16, seqlen=128)
+    config = METHODS[method](**pattern)
+    streamed = api.quantize_dir(stories_dir, tmp_path / "streamed", config, calib_config)
+    model = squeeze.load(stories_dir)
+    calib = load_calibration(source_tokenizer(stories_dir), calib_config) if method != "magnitude" else None
+    records = api.prune(model, config, calib)
+    whole = api.save(model, tmp_path / "whole", config, source=stories_dir, calib=calib, records=records)
+    assert (streamed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    import json
+
+    assert json.loads((streamed / "config.json").read_text()) == json.loads((stories_dir / "config.json").read_text())
+
+
+def test_prune_command_then_quantize_keeps_the_masks(stories_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from squeeze.cli import main
+
+    pruned, quantized = tmp_path / "pruned", tmp_path / "pruned-w4"
+    assert main(["prune", str(stories_dir), "-o", str(pruned), "--method", "sparsegpt", "--mask", "2:4",
+                 "--nsamples", "16", "--seqlen", "128"]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(pruned)  # no squeeze code needed to load it
+    masks = {n: m.weight.detach() == 0 for n, m in select_linears(plain).items()}
+    assert all(float(mask.float().mean()) == 0.5 for mask in masks.values())
+    assert main(["quantize", str(pruned), "-o", str(quantized), "--method", "gptq", "--scheme", "w4g32",
+                 "--nsamples", "16", "--seqlen", "128"]) == 0
+    model = squeeze.load(quantized)
+    for name, mask in masks.items():
+        assert (model.get_submodule(name).dequantized_weight()[mask] == 0).all(), name
+    capsys.readouterr()
+    assert main(["inspect", str(quantized)]) == 0
+    out = capsys.readouterr().out
+    assert "pruned:     35 layers by sparsegpt (2:4), mean sparsity 0.500" in out and "method:     gptq" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "0.5", "--mask", "2:4"], "not both"),
+    (["--mask", "4:8"], "do not split into groups of 8"),  # stories260K's down_proj has 172 inputs
+    (["--mask", "two"], "N:M"),
+    (["--sparsity", "0.95"], "from 0 to 0.9"),
+    (["--method", "wanda", "--damp", "0.1"], "--damp does not apply to --method wanda"),
+    (["--calib", "missing.txt"], "does not exist"),
+])
+def test_prune_bad_input_is_one_line(args, message, stories_dir, tmp_path, capsys):
+    from squeeze.cli import main
+
+    out = tmp_path / "out"
+    assert main(["prune", str(stories_dir), "-o", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and not out.exists()

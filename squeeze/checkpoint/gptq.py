@@ -108,6 +108,9 @@ def checkpoint_config(model: nn.Module | None, source_dir: Path | None, scheme, 
         config = model.config.to_dict()
     else:
         config = {}
+    if scheme is None:  # a float model (pruned): the source's config as it is
+        config.pop("quantization_config", None)
+        return config
     schemes = set(s.with_(activations=None) for s in layer_schemes.values())
     gguf_form = any(s.gguf_blocks for s in schemes) or len(schemes) > 1
     config["quantization_config"] = quantization_config(scheme, desc_act, gguf_form)

@@ -23,7 +23,7 @@ from squeeze.passes.gptq_core import HessianAccumulator
 from squeeze.passes.prune_core import Pattern, magnitude_prune, sparsegpt_prune, sparsity_of, wanda_prune
 from squeeze.precision import check_calib_precision
 from squeeze.registry import register_pass
-from squeeze.runner import BlockInputs, collect_inputs, groups_by_shared_input, run_sequential
+from squeeze.runner import BlockInputs, collect_inputs, groups_by_shared_input, run_blockwise, run_sequential
 
 
 @dataclass(frozen=True)
@@ -104,19 +104,22 @@ def _set_weight(module: nn.Module, pruned: torch.Tensor) -> dict:
 
 
 def apply_magnitude(model: nn.Module, config: Magnitude, calib=None, io=None) -> dict[str, dict]:
-    if io is not None:
-        raise SqueezeError("magnitude pruning runs on a model in memory")
+    """``io`` (a streamed model): block by block."""
     layers = _select(model, config)
-    return {name: _set_weight(m, magnitude_prune(linear_weight(m), config.pattern))
-            for name, m in tqdm(layers.items(), desc="magnitude", unit="layer", leave=False)}
+    if io is None:
+        return {name: _set_weight(m, magnitude_prune(linear_weight(m), config.pattern))
+                for name, m in tqdm(layers.items(), desc="magnitude", unit="layer", leave=False)}
+
+    def process(prefix, block, block_layers, inputs):
+        return {name: _set_weight(m, magnitude_prune(linear_weight(m), config.pattern)) for name, m in block_layers.items()}
+
+    return run_blockwise(model, layers, process, io, desc="magnitude")
 
 
 def _calibrated(prune_layer):
     """apply(model, config, calib): Hessians per group of layers, block by block, then ``prune_layer``."""
 
     def apply(model: nn.Module, config, calib=None, io=None) -> dict[str, dict]:
-        if io is not None:
-            raise SqueezeError(f"{type(config).__name__} runs on a model in memory")
         layers = _select(model, config)
 
         def process(prefix: str, block: nn.Module, block_layers: dict[str, nn.Module], inputs: BlockInputs):
@@ -132,7 +135,7 @@ def _calibrated(prune_layer):
             return records
 
         return run_sequential(model, layers, calib, process, desc=type(config).__name__.lower(),
-                              precision=config.calib_precision)
+                              precision=config.calib_precision, io=io)
 
     return apply
 
