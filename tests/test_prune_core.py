@@ -103,3 +103,22 @@ def test_parse_mask():
         Pattern.parse_mask("half")
     with pytest.raises(SqueezeError, match="groups of 4"):
         Pattern(n=2, m=4).check_columns(10, "layer")
+
+
+def test_gptq_keeps_zeros_of_pruned_layers_only(monkeypatch):
+    from squeeze.grid import grid_for
+    from squeeze.passes import gptq_core
+    from squeeze.scheme import get_scheme
+
+    w, _, hessian = _layer(rows=16, cols=128)
+    grid = grid_for(get_scheme("w4g32"))
+    pruned = wanda_prune(w, hessian, Pattern(sparsity=0.5))
+    kept = gptq_core.gptq_quantize(pruned, hessian, grid).values
+    assert (kept[pruned == 0] == 0).all()
+    dense = w.clone()
+    dense[0, :3] = 0.0  # a dense layer's few exact zeros are ordinary weights
+    pinned_dense = gptq_core.gptq_quantize(dense, hessian, grid).values
+    monkeypatch.setattr(gptq_core, "PRUNED_MIN_SHARE", 2.0)  # never pin
+    assert torch.equal(gptq_core.gptq_quantize(dense, hessian, grid).values, pinned_dense)
+    revived = gptq_core.gptq_quantize(pruned, hessian, grid).values
+    assert (revived[pruned == 0] != 0).any()  # without pinning GPTQ's updates revive pruned weights

@@ -246,6 +246,9 @@ class GPTQResult:
     damp: float  # damping used (raised above the requested one if Cholesky failed)
 
 
+PRUNED_MIN_SHARE = 0.01  # a layer with this share of exact zeros is taken as pruned: its zeros are kept
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -266,13 +269,14 @@ def gptq_quantize(
     ``shrink``: the error updates use `shrink_to_diagonal` (H, shrink); 1 gives importance-weighted rounding.
     ``importance`` [cols]: the weighted fit's column importance instead of H's diagonal.
 
-    Weights that are exactly zero (a pruned layer's mask) stay zero: they are rounded to the grid's value
-    nearest 0 (0 itself on integer grids) whatever the updates did to them, and what that costs is passed on
-    to the columns not yet quantized, as SparseGPT does for its masks.
+    A pruned layer (at least `PRUNED_MIN_SHARE` of its weights exactly zero) keeps its zeros: they are rounded
+    to the grid's value nearest 0 (0 itself on integer grids) whatever the updates did to them, and what that
+    costs is passed on to the columns not yet quantized, as SparseGPT does for its masks. A dense layer's few
+    exact zeros (SmolLM2 dequantized from Q4_1: at most 0.07% of a layer) are weights like any other.
     """
     W = weight.detach().float().clone()
     pruned = W == 0
-    pruned = pruned if bool(pruned.any()) else None
+    pruned = pruned if float(pruned.float().mean()) >= PRUNED_MIN_SHARE else None
     H = hessian.detach().float().clone()
     rows, cols = W.shape
     dead = torch.diag(H) == 0
