@@ -113,6 +113,12 @@ def run_step(step: str, model: Path, work: Path, export_source: str = "gptq") ->
     raise ValueError(step)
 
 
+def portable(command: str) -> str:
+    """A measured command as a reader would type it: `python`, paths of this checkout relative."""
+    command = re.sub(r"^\S*/python3?(\.\d+)?(?=\s)", "python", command)
+    return re.sub(r"\S*/(calibration/)", r"\1", command)
+
+
 def write_report(results: dict, model: Path, out: Path, work: Path) -> None:
     size = checkpoint_bytes(model)
     bounds = {"rtn": 1.5 * GB, "gptq": 0.5 * size, "gguf": 0.5 * size, "onnx": 0.5 * size}
@@ -134,7 +140,8 @@ def write_report(results: dict, model: Path, out: Path, work: Path) -> None:
         rss = r["peak_rss_bytes"]
         ok = "yes" if rss <= bounds[step] else "**no**"
         lines.append(f"| {step} | {rss / GB:.2f} | {rss / size:.2f} | {bounds[step] / GB:.2f} | {ok} | {r['seconds']} |")
-    lines += ["", "Commands:", ""] + [f"- {step}: `{results[step]['command']}`" for step in STEPS if step in results]
+    lines += ["", "Commands (from the repository root):", ""] + [
+        f"- {step}: `{portable(results[step]['command'])}`" for step in STEPS if step in results]
     run_log = work / "gptq" / "squeeze-run.json"
     if "gptq" in results and run_log.is_file():
         blocks = json.loads(run_log.read_text())["blocks"]
