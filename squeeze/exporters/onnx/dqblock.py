@@ -93,7 +93,7 @@ class _BlockDequantMatMulFn(torch.autograd.Function):
 class DQBlockLinear(nn.Module):
     """Stands in for a 4-bit symmetric QuantLinear during export; its buffers become the graph's initializers.
 
-    ``weight_q`` is traced as int8 and rewritten as an INT4 initializer by `write_int4_initializers`
+    ``weight_q`` is traced as int8 and written as an INT4 initializer by `weights.write_model`
     (torch has no int4 dtype); ``weight_scale`` holds squeeze's scales, one row per block of K.
     """
 
@@ -117,26 +117,3 @@ def pack_int4_pairs(values) -> bytes:
     if nibbles.size % 2:
         nibbles = np.append(nibbles, np.uint8(0))
     return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
-
-
-def write_int4_initializers(graph) -> int:
-    """Rewrite the int8 weights of blocked DequantizeLinear nodes as INT4 initializers; returns the count.
-
-    Only nodes with a ``block_size`` attribute are touched (the per-channel int8 QDQ weights have none).
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    blocked = {n.input[0] for n in graph.node
-               if n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)}
-    count = 0
-    for i, tensor in enumerate(graph.initializer):
-        if tensor.name not in blocked or tensor.data_type != TensorProto.INT8:
-            continue
-        values = numpy_helper.to_array(tensor)
-        if values.size and not (INT4_RANGE[0] <= int(values.min()) and int(values.max()) <= INT4_RANGE[1]):
-            raise SqueezeError(f"{tensor.name}: values outside int4 {INT4_RANGE}; the weights are not 4-bit")
-        packed = helper.make_tensor(tensor.name, TensorProto.INT4, list(values.shape),
-                                    pack_int4_pairs(values.reshape(-1)), raw=True)
-        graph.initializer[i].CopyFrom(packed)
-        count += 1
-    return count

@@ -116,9 +116,10 @@ def cast_nonpersistent_buffers(model: nn.Module, dtype: torch.dtype) -> None:
 class _WeightsAsInputs(nn.Module):
     """``inner`` with its stashed tensors taken as extra forward arguments (put into their slots for the call).
 
-    The TorchScript exporter runs ONNX shape inference with its modules' parameter values at hand, which
-    materializes placeholders (4 GB on a 1.1B model); graph inputs carry only their shapes. ``inner`` is
-    held outside the module tree so that the tracer sees no parameters at all.
+    The TorchScript exporter's passes work with its modules' parameter values at hand, and with placeholders
+    as parameters the trace of a 3-block, 1.1B-shaped model peaked 0.9 GB higher than with the same tensors as
+    graph inputs, which carry only their shapes. ``inner`` is held outside the module tree so that the
+    tracer sees no parameters at all.
     """
 
     def __init__(self, inner: nn.Module, slots: list[list[tuple[nn.Module, str, bool]]]):
