@@ -30,6 +30,7 @@ _EXPORTS = {
     "Magnitude": "squeeze.passes.prune",
     "Wanda": "squeeze.passes.prune",
     "SparseGPT": "squeeze.passes.prune",
+    "Structured": "squeeze.passes.structured",
     "Recipe": "squeeze.recipe",
     "CalibConfig": "squeeze.calib",
     "load_calibration": "squeeze.calib",

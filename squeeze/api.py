@@ -58,6 +58,11 @@ def prune(model: nn.Module, config, calib: CalibrationSet | None = None) -> dict
     return quantize(model, config, calib)
 
 
+def _reshapes(recipe: Recipe) -> bool:
+    """The recipe changes the model's shapes (structured pruning): its config comes from the model."""
+    return any(getattr(p, "reshapes", False) for p in recipe.passes)
+
+
 def _resolve_dtype(name: str | None) -> torch.dtype | None:
     if name in (None, "auto"):
         return None
@@ -132,7 +137,8 @@ def save(
         desc_act = not all(m.has_ordered_groups() for m in layers.values())  # act-order without static groups
         from_gguf = source_path is not None and is_gguf(source_path)
         source_dir = None if from_gguf else source_path
-        config = ckpt.checkpoint_config(model, source_dir, scheme, layer_schemes, desc_act)
+        reshaped = recipe is not None and _reshapes(_as_recipe(recipe))
+        config = ckpt.checkpoint_config(model, None if reshaped else source_dir, scheme, layer_schemes, desc_act)
         ckpt.write_checkpoint(tmp, ckpt.checkpoint_state(model).items(), config, metadata, source_dir, shard_bytes)
         if from_gguf:  # the GGUF file's own tokenizer, written as Hugging Face files
             source_tokenizer(source_path).save_pretrained(tmp)
@@ -176,7 +182,15 @@ def quantize_dir(
     calib_set = None
     if needs_calibration and calib.path != SELF:  # a bad calibration file is reported before the model loads
         calib_set = load_calibration(source_tokenizer(src), calib)
-    if not is_gguf(src) and (calib_set is not None or not needs_calibration):
+    if _reshapes(recipe) and len(recipe.passes) == 1 and not is_gguf(src) and \
+            (calib_set is not None or not needs_calibration):
+        from squeeze.passes.structured import prune_dir
+
+        try:
+            return prune_dir(src, Path(out), recipe.passes[0], calib_set, overwrite, shard_bytes)
+        except StreamUnavailable as e:
+            notify(f"loading {str(src)!r} whole: {e}")
+    elif not is_gguf(src) and (calib_set is not None or not needs_calibration):
         try:
             return quantize_streamed(src, Path(out), recipe, calib_set, _resolve_dtype(dtype), overwrite, resume,
                                      shard_bytes, notify, offload_activations)

@@ -210,15 +210,27 @@ PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output model directory.")
-@click.option("--method", type=click.Choice(PRUNE_METHODS), default="wanda", show_default=True,
+@click.option("--method", type=click.Choice(PRUNE_METHODS), default=None,
               help="magnitude (|W|, no data), wanda (|W| x input norm), sparsegpt (masks and updates with the "
-                   "inverse Hessian).")
+                   "inverse Hessian) [wanda].")
 @click.option("--sparsity", type=float, default=None, help="Share of each layer's weights set to zero, 0-0.9 [0.5].")
 @click.option("--mask", default=None, help="N:M pattern instead of --sparsity: N of every M inputs kept (2:4, 4:8).")
 @click.option("--targets", multiple=True, help="Layers to prune (glob, suffix, or re:REGEX); repeatable.")
 @click.option("--ignore", multiple=True, help="Layers to leave dense (same patterns); repeatable.")
+@click.option("--structured", is_flag=True,
+              help="Remove FFN channels, attention heads and blocks instead: a smaller dense model.")
+@click.option("--ffn", type=float, default=None, help="--structured: share of FFN channels kept (0.75).")
+@click.option("--heads", type=float, default=None,
+              help="--structured: share of attention heads kept, whole KV groups (0.75 of 4 groups keeps 3).")
+@click.option("--layers", type=int, default=None, help="--structured: number of blocks kept.")
+@click.option("--params", default=None,
+              help="--structured: parameter budget (100M, 1.2B, or a count), met by the FFN width.")
+@click.option("--score", type=click.Choice(["activation", "weight"]), default=None,
+              help="--structured: importance from calibration activations, or from weight norms (no data) [activation].")
+@click.option("--round-to", type=int, default=None,
+              help="--structured: kept FFN channels are a multiple of this [64].")
 @click.option("--calib", default=None,
-              help="Calibration text file for wanda/sparsegpt [default: the bundled stories sample].")
+              help="Calibration text file for wanda/sparsegpt/--structured [default: the bundled stories sample].")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -233,10 +245,12 @@ PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
               help="Keep the calibration activations in this directory, not in memory.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @ALLOW_PICKLE
-def prune(model, output, method, sparsity, mask, targets, ignore, calib, nsamples, seqlen, seed, calib_precision,
-          block_size, damp, dtype, max_shard_size, resume, offload_activations, overwrite, allow_pickle) -> None:
-    """Prune MODEL (a Hugging Face model directory) into a model directory at OUTPUT: weights set to zero in
-    place, shapes kept (the file is as large and as fast as before: quantize it, or see README on pruning)."""
+def prune(model, output, method, sparsity, mask, targets, ignore, structured, ffn, heads, layers, params, score,
+          round_to, calib, nsamples, seqlen, seed, calib_precision, block_size, damp, dtype, max_shard_size, resume,
+          offload_activations, overwrite, allow_pickle) -> None:
+    """Prune MODEL (a Hugging Face model directory) into a model directory at OUTPUT. By default weights are
+    set to zero in place, shapes kept (the file is as large and as fast as before: quantize it, or see README
+    on pruning); --structured removes channels, heads and blocks: a smaller model every runtime runs faster."""
     from squeeze.calib import SELF, CalibConfig
     from squeeze.checkpoint.shards import shard_limit
     from squeeze.fsutil import check_output_path
@@ -246,6 +260,18 @@ def prune(model, output, method, sparsity, mask, targets, ignore, calib, nsample
     validate_source(model, allow_pickle)
     check_output_path(output, overwrite, inputs=(model, None if calib in (None, SELF) else calib))
     _check_calib_file(calib)
+    shapes = {"ffn": ffn, "heads": heads, "layers": layers, "params": params, "score": score, "round_to": round_to}
+    if structured:
+        config = _structured_config(shapes, {"method": method, "sparsity": sparsity, "mask": mask,
+                                             "targets": targets, "ignore": ignore, "block_size": block_size,
+                                             "damp": damp}, calib_precision)
+        _write_dir(model, output, config, CalibConfig(calib, nsamples, seqlen, seed), dtype, overwrite, allow_pickle,
+                   max_shard_size, resume, offload_activations)
+        return
+    for key, value in shapes.items():
+        if value is not None:
+            raise SqueezeError(f"--{key.replace('_', '-')} is an option of --structured pruning")
+    method = method or "wanda"
     given = {"calib_precision": calib_precision, "block_size": block_size, "damp": damp}
     allowed = {"magnitude": (), "wanda": ("calib_precision",), "sparsegpt": ("calib_precision", "block_size", "damp")}
     for key, value in given.items():
@@ -257,6 +283,34 @@ def prune(model, output, method, sparsity, mask, targets, ignore, calib, nsample
     shard_limit(max_shard_size)
     _write_dir(model, output, config, CalibConfig(calib, nsamples, seqlen, seed), dtype, overwrite, allow_pickle,
                max_shard_size, resume, offload_activations)
+
+
+PARAM_UNITS = {"K": 10**3, "M": 10**6, "B": 10**9}
+
+
+def parse_param_count(text: str) -> int:
+    """ "100M", "1.2B", "135000000" -> a parameter count."""
+    value = text.strip().upper()
+    unit = PARAM_UNITS.get(value[-1:], 1)
+    try:
+        count = float(value[:-1] if value[-1:] in PARAM_UNITS else value) * unit
+    except ValueError:
+        raise SqueezeError(f"--params {text!r} is not a parameter count (100M, 1.2B, 135000000)") from None
+    return int(count)
+
+
+def _structured_config(shapes: dict, unstructured: dict, calib_precision):
+    from squeeze.passes.structured import Structured
+
+    for key, value in unstructured.items():
+        if value not in (None, ()):
+            raise SqueezeError(f"--{key.replace('_', '-')} does not apply to --structured pruning")
+    options = {k: v for k, v in shapes.items() if v is not None}
+    if "params" in options:
+        options["params"] = parse_param_count(options["params"])
+    if calib_precision is not None:
+        options["calib_precision"] = calib_precision
+    return Structured(**options)
 
 
 @cli.command(name="eval")

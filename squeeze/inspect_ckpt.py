@@ -76,6 +76,14 @@ def format_description(d: dict) -> str:
         patterns = sorted({r["pattern"] for r in pruned})
         lines.append(f"pruned:     {len(pruned)} layers by {', '.join(methods)} ({', '.join(patterns)}), "
                      f"mean sparsity {share:.3f}")
+    blocks = {n: r for n, r in d["layers"].items() if r.get("method") == "structured"}
+    if blocks:
+        kept = [r for r in blocks.values() if r.get("kept")]
+        dropped = [n for n, r in blocks.items() if not r.get("kept")]
+        lines.append(f"structured: {next(iter(blocks.values()))['pattern']}: {len(kept)} of {len(blocks)} blocks kept"
+                     + (f" (removed {', '.join(dropped)})" if dropped else "")
+                     + (f", {kept[0]['ffn_channels']} FFN channels and {len(kept[0]['kv_heads'])} KV heads per block"
+                        if kept else ""))
     if qc is None:
         lines.append("quantized:  no (float checkpoint)")
     else:

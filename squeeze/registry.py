@@ -36,6 +36,7 @@ def _load_builtin_passes() -> None:
     import squeeze.passes.prune  # noqa: F401
     import squeeze.passes.rtn  # noqa: F401
     import squeeze.passes.smoothquant  # noqa: F401
+    import squeeze.passes.structured  # noqa: F401
 
 
 def get_pass(name: str) -> PassEntry:

@@ -86,7 +86,7 @@ def _to(obj, device):
     return obj
 
 
-def _block_output(out) -> torch.Tensor:
+def block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -141,7 +141,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, in_place: bool = False) -> 
         for i in range(len(inputs)):
             start(i)
             # the stream between blocks keeps its dtype whatever the forward computed in
-            outputs[i] = _block_output(inputs.forward(block, i)).to(stream_dtype)
+            outputs[i] = block_output(inputs.forward(block, i)).to(stream_dtype)
     return outputs
 
 

@@ -276,6 +276,8 @@ def quantize_streamed(src: Path, out: Path, recipe: Recipe, calib, dtype: torch.
                       offload: Path | None = None) -> Path:
     """`squeeze.api.quantize_dir` for a model directory of safetensors, one block in memory at a time;
     calibration activations on disk in ``offload`` (else in memory, or in the temporary output past a limit)."""
+    if any(getattr(p, "reshapes", False) for p in recipe.passes):
+        raise StreamUnavailable("structured pruning in a recipe with other passes runs on the whole model")
     map_large_allocations()  # this path exists to keep memory low: no heap fragmentation from 8-32 MiB tensors
     streamed = LazyModel(src, dtype, hash_weights=True)
     if streamed.quantized:
