@@ -53,8 +53,9 @@ def quantize(model: nn.Module, config, calib: CalibrationSet | None = None) -> d
 
 
 def prune(model: nn.Module, config, calib: CalibrationSet | None = None) -> dict[str, dict]:
-    """Prune ``model`` in place with a pruning pass config (`Magnitude`, `Wanda`, `SparseGPT`) or a Recipe;
-    returns per-layer records (sparsity, weight error). The same as `quantize`, named for what it does."""
+    """Prune ``model`` in place with a pruning pass config (`Magnitude`, `Wanda`, `SparseGPT`, or `Structured`,
+    which rewrites its modules and config to smaller sizes) or a Recipe; returns records per layer (sparsity,
+    weight error) or, for `Structured`, per original block. The same as `quantize`, named for what it does."""
     return quantize(model, config, calib)
 
 

@@ -238,6 +238,8 @@ PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
               help="wanda/sparsegpt: arithmetic of the calibration forwards [auto].")
 @click.option("--block-size", type=int, default=None, help="sparsegpt: columns sharing a mask decision [128].")
 @click.option("--damp", type=float, default=None, help="sparsegpt: dampening, a fraction of the mean Hessian diagonal [0.01].")
+@click.option("--scheme", default=None,
+              help="sparsegpt: also quantize onto this scheme (w4g128, q4_k, ...) in the same sweep, GPTQ's solver.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--max-shard-size", default=None, help="Largest weight file of the output (e.g. 2GB) [5GB].")
 @click.option("--resume/--no-resume", default=None, help="As for quantize: continue an interrupted run of the same command.")
@@ -246,8 +248,8 @@ PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @ALLOW_PICKLE
 def prune(model, output, method, sparsity, mask, targets, ignore, structured, ffn, heads, layers, params, score,
-          round_to, calib, nsamples, seqlen, seed, calib_precision, block_size, damp, dtype, max_shard_size, resume,
-          offload_activations, overwrite, allow_pickle) -> None:
+          round_to, calib, nsamples, seqlen, seed, calib_precision, block_size, damp, scheme, dtype, max_shard_size,
+          resume, offload_activations, overwrite, allow_pickle) -> None:
     """Prune MODEL (a Hugging Face model directory) into a model directory at OUTPUT. By default weights are
     set to zero in place, shapes kept (the file is as large and as fast as before: quantize it, or see README
     on pruning); --structured removes channels, heads and blocks: a smaller model every runtime runs faster."""
@@ -264,7 +266,7 @@ def prune(model, output, method, sparsity, mask, targets, ignore, structured, ff
     if structured:
         config = _structured_config(shapes, {"method": method, "sparsity": sparsity, "mask": mask,
                                              "targets": targets, "ignore": ignore, "block_size": block_size,
-                                             "damp": damp}, calib_precision)
+                                             "damp": damp, "scheme": scheme}, calib_precision)
         _write_dir(model, output, config, CalibConfig(calib, nsamples, seqlen, seed), dtype, overwrite, allow_pickle,
                    max_shard_size, resume, offload_activations)
         return
@@ -272,12 +274,17 @@ def prune(model, output, method, sparsity, mask, targets, ignore, structured, ff
         if value is not None:
             raise SqueezeError(f"--{key.replace('_', '-')} is an option of --structured pruning")
     method = method or "wanda"
-    given = {"calib_precision": calib_precision, "block_size": block_size, "damp": damp}
-    allowed = {"magnitude": (), "wanda": ("calib_precision",), "sparsegpt": ("calib_precision", "block_size", "damp")}
+    given = {"calib_precision": calib_precision, "block_size": block_size, "damp": damp, "scheme": scheme}
+    allowed = {"magnitude": (), "wanda": ("calib_precision",),
+               "sparsegpt": ("calib_precision", "block_size", "damp", "scheme")}
     for key, value in given.items():
         if value is not None and key not in allowed[method]:
             raise SqueezeError(f"--{key.replace('_', '-')} does not apply to --method {method}")
     options = {k: v for k, v in given.items() if v is not None}
+    if scheme is not None:
+        from squeeze.scheme import get_scheme
+
+        options["scheme"] = get_scheme(scheme)
     config = get_pass(method).config_cls(sparsity=sparsity, mask=mask, targets=tuple(targets) or None,
                                          ignore=tuple(ignore), **options)
     shard_limit(max_shard_size)

@@ -24,7 +24,7 @@ class Recipe:
         out = []
         for p in self.passes:
             d = asdict(p)
-            if "scheme" in d:  # pruning passes have none
+            if d.get("scheme") is not None:  # pruning passes have none
                 d["scheme"] = p.scheme.to_dict()
             d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
             out.append({"method": pass_for_config(p).name, **d})

@@ -32,7 +32,7 @@ PRUNE_KEYS = ("pattern", "sparsity")
 
 def is_pruning(config) -> bool:
     """A pruning pass config (it sets weights to zero, on no grid) rather than a quantization one."""
-    return not hasattr(config, "scheme")
+    return getattr(config, "scheme", None) is None
 
 
 def layer_record(previous: dict | None, method: str, config, record: dict) -> dict:
@@ -41,7 +41,9 @@ def layer_record(previous: dict | None, method: str, config, record: dict) -> di
     if is_pruning(config):
         return {"method": method, "pattern": config.label, **record}
     out = {"method": method, "scheme": config.scheme.name, **record}
-    if previous and "pattern" in previous:
+    if hasattr(config, "pattern"):  # pruned and quantized in one sweep (SparseGPT with a scheme)
+        out["pattern"] = config.label
+    elif previous and "pattern" in previous:
         out["pruned_by"] = previous.get("pruned_by", previous["method"])
         out.update({k: previous[k] for k in PRUNE_KEYS if k in previous})
     return out

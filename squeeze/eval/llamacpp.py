@@ -87,8 +87,8 @@ class LlamaCppRuntime:
         return torch.from_numpy(out)
 
     def generate(self, prompt_ids: list[int], n_tokens: int) -> list[int]:
-        """Greedy continuation of ``prompt_ids`` (a smoke test that the file generates)."""
-        llm = self._model(min(self.max_context, DEFAULT_CONTEXT))
+        """Greedy continuation of ``prompt_ids``, token by token on llama.cpp's KV cache."""
+        llm = self._model(min(self.max_context, max(DEFAULT_CONTEXT, len(prompt_ids) + n_tokens)))
         llm.reset()
         last = llm.decode(list(prompt_ids))[-1]
         out = []
@@ -97,6 +97,11 @@ class LlamaCppRuntime:
             out.append(token)
             last = llm.decode([token])[-1]
         return out
+
+    def decode(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy decoding of each row of ``prompt`` [b, L] (what `squeeze.eval.latency` times): [b, L + new]."""
+        rows = [row + self.generate(row, new_tokens) for row in prompt.tolist()]
+        return torch.tensor(rows, dtype=torch.int64)
 
 
 class LlamaCppTokenizer:

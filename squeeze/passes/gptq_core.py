@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -261,6 +262,8 @@ def gptq_quantize(
     weighted_fit: bool = False,
     shrink: float = 0.0,
     importance: torch.Tensor | None = None,
+    choose_mask: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    mask_span: int | None = None,
 ) -> GPTQResult:
     """Quantize ``weight`` [rows, cols] onto ``grid``, minimising ||(W - Q) X||^2 with H ~ X X^T.
 
@@ -273,10 +276,19 @@ def gptq_quantize(
     to the grid's value nearest 0 (0 itself on integer grids) whatever the updates did to them, and what that
     costs is passed on to the columns not yet quantized, as SparseGPT does for its masks. A dense layer's few
     exact zeros (SmolLM2 dequantized from Q4_1: at most 0.07% of a layer) are weights like any other.
+
+    ``choose_mask(w, d)`` prunes in the same sweep (SparseGPT's joint mode, Frantar & Alistarh 2023, section
+    3.5): every ``mask_span`` columns (None: each batch) it gets their current, error-updated weights [rows,
+    span] and the inverse Hessian factor's diagonal [span], and returns their mask of weights to zero, which
+    are then kept at zero as above. The columns stay in their order (no act-order), so N:M groups stay intact.
     """
     W = weight.detach().float().clone()
     pruned = W == 0
     pruned = pruned if float(pruned.float().mean()) >= PRUNED_MIN_SHARE else None
+    if choose_mask is not None:
+        if act_order:
+            raise SqueezeError("pruning inside the GPTQ sweep keeps the columns in order; turn act_order off")
+        pruned = torch.zeros_like(W, dtype=torch.bool)
     H = hessian.detach().float().clone()
     rows, cols = W.shape
     dead = torch.diag(H) == 0
@@ -332,6 +344,9 @@ def gptq_quantize(
                 if offset == 0:
                     current = params[g] = fit(W1[i : i + gs].t(), slice(col, col + gs), perm)
             group_of[col] = g
+            if choose_mask is not None and i % (mask_span or B) == 0:
+                j2 = min(i + (mask_span or B), i2 - i1)
+                prunedT[col : i1 + j2] = choose_mask(W1[i:j2].t(), Hinv1.diagonal()[i:j2]).t()
             c, q = grid.nearest(W1[i].unsqueeze(1), current, offset)
             if prunedT is not None and bool(prunedT[col].any()):
                 c0, q0 = grid.nearest(torch.zeros_like(W1[i]).unsqueeze(1), current, offset)

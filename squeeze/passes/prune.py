@@ -20,9 +20,11 @@ from tqdm.auto import tqdm
 from squeeze.errors import SqueezeError
 from squeeze.model import linear_weight, select_linears
 from squeeze.passes.gptq_core import HessianAccumulator
-from squeeze.passes.prune_core import Pattern, magnitude_prune, sparsegpt_prune, sparsity_of, wanda_prune
+from squeeze.passes.prune_core import (Pattern, magnitude_prune, sparsegpt_mask, sparsegpt_prune, sparsity_of,
+                                       wanda_prune)
 from squeeze.precision import check_calib_precision
 from squeeze.registry import register_pass
+from squeeze.scheme import GGUFMix, QuantScheme
 from squeeze.runner import BlockInputs, collect_inputs, groups_by_shared_input, run_blockwise, run_sequential
 
 
@@ -69,15 +71,20 @@ class Wanda(_PruneConfig):
 @dataclass(frozen=True)
 class SparseGPT(_PruneConfig):
     """Mask and update with the inverse Hessian (Frantar & Alistarh 2023): ``block_size`` columns share a mask
-    decision; ``damp`` is a fraction of the Hessian's mean diagonal, as in GPTQ."""
+    decision; ``damp`` is a fraction of the Hessian's mean diagonal, as in GPTQ. With a ``scheme`` the kept
+    weights are quantized onto its grid in the same sweep (prune and quantize jointly, GPTQ's solver)."""
 
     block_size: int = 128
     damp: float = 0.01
     calib_precision: str = "auto"
+    scheme: QuantScheme | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_calib_precision(self.calib_precision)
+        if self.scheme is not None and isinstance(self.scheme, GGUFMix):
+            raise SqueezeError("SparseGPT quantizes jointly onto one grid; give a scheme such as w4g128 or q4_k, "
+                               "not a GGUF mix")
         if self.block_size <= 0:
             raise SqueezeError(f"SparseGPT block_size must be a positive integer, got {self.block_size}")
         if not 0.0 < self.damp < 1.0:
@@ -117,7 +124,8 @@ def apply_magnitude(model: nn.Module, config: Magnitude, calib=None, io=None) ->
 
 
 def _calibrated(prune_layer):
-    """apply(model, config, calib): Hessians per group of layers, block by block, then ``prune_layer``."""
+    """apply(model, config, calib): Hessians per group of layers, block by block, then
+    ``prune_layer(model, name, module, hessian, config)`` -> the layer's record."""
 
     def apply(model: nn.Module, config, calib=None, io=None) -> dict[str, dict]:
         layers = _select(model, config)
@@ -130,8 +138,7 @@ def _calibrated(prune_layer):
                 collect_inputs(block, inputs, {group[0]: block_layers[group[0]]}, lambda n, x: acc.add(x))
                 acc.combine(inputs.dp)
                 for name in group:
-                    module = block_layers[name]
-                    records[name] = _set_weight(module, prune_layer(linear_weight(module), acc.hessian, config))
+                    records[name] = prune_layer(model, name, block_layers[name], acc.hessian, config)
             return records
 
         return run_sequential(model, layers, calib, process, desc=type(config).__name__.lower(),
@@ -140,8 +147,34 @@ def _calibrated(prune_layer):
     return apply
 
 
-apply_wanda = _calibrated(lambda w, h, c: wanda_prune(w, h, c.pattern))
-apply_sparsegpt = _calibrated(lambda w, h, c: sparsegpt_prune(w, h, c.pattern, c.block_size, c.damp))
+def _joint(model: nn.Module, name: str, module: nn.Module, hessian: torch.Tensor, config: SparseGPT) -> dict:
+    """SparseGPT's masks chosen inside GPTQ's sweep onto ``config.scheme``'s grid; the QuantLinear installed."""
+    from squeeze.grid import grid_for
+    from squeeze.passes.gptq import install
+    from squeeze.passes.gptq_core import gptq_quantize
+
+    grid, pattern = grid_for(config.scheme), config.pattern
+    cols = linear_weight(module).shape[1]
+    group = grid.block_size(cols)
+    batch = cols if group >= cols else -(-config.block_size // group) * group
+    if pattern.n is not None and batch % pattern.m:
+        raise SqueezeError(f"{name}: {pattern.name} groups do not line up with batches of {batch} columns; "
+                           "use a group size that is a multiple of M")
+    result = gptq_quantize(linear_weight(module), hessian, grid, block_size=config.block_size, damp=config.damp,
+                           choose_mask=sparsegpt_mask(pattern), mask_span=pattern.m)
+    return {**install(model, name, module, result, hessian, config.scheme), "sparsity": sparsity_of(result.values)}
+
+
+def _sparsegpt_layer(model, name, module, hessian, config: SparseGPT) -> dict:
+    if config.scheme is not None:
+        return _joint(model, name, module, hessian, config)
+    return _set_weight(module, sparsegpt_prune(linear_weight(module), hessian, config.pattern, config.block_size,
+                                               config.damp))
+
+
+apply_wanda = _calibrated(lambda model, name, module, h, c: _set_weight(module, wanda_prune(linear_weight(module),
+                                                                                           h, c.pattern)))
+apply_sparsegpt = _calibrated(_sparsegpt_layer)
 
 register_pass("magnitude", Magnitude, apply_magnitude, lambda config: False)
 register_pass("wanda", Wanda, apply_wanda, lambda config: True)

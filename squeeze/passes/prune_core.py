@@ -154,5 +154,15 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Patter
     return w.masked_fill(pruned | dead.unsqueeze(0), 0.0)
 
 
+def sparsegpt_mask(pattern: Pattern):
+    """SparseGPT's mask choice for a batch of columns inside the GPTQ sweep (`gptq_quantize`'s ``choose_mask``):
+    the lowest w^2 / d^2 of the batch's current weights (N:M per group of inputs)."""
+
+    def choose(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return pattern_mask(w.pow(2) / d.pow(2).unsqueeze(0), pattern, per_row=False)
+
+    return choose
+
+
 def sparsity_of(weight: torch.Tensor) -> float:
     return float((weight == 0).float().mean())

@@ -72,6 +72,21 @@ def test_every_type_exports_verifies_and_generates(mix, stories_dir, tmp_path):
     assert len(out) == 12 and len(tok.decode(out).strip()) > 0
 
 
+def test_cached_decode_equals_rerunning_the_sequence(stories_dir, tmp_path):
+    """`LlamaCppRuntime.decode` (llama.cpp's KV cache, what --latency times) picks the tokens a full forward of
+    the growing sequence picks."""
+    import torch
+
+    from squeeze.eval.llamacpp import LlamaCppRuntime
+
+    rt = LlamaCppRuntime(api.export(stories_dir, "gguf", tmp_path / "f32.gguf", qtype="f32", verify=False).path)
+    prompt = torch.tensor([[1, 403, 261, 462], [1, 66, 77, 88]])
+    ids = prompt
+    for _ in range(8):
+        ids = torch.cat([ids, rt.logits(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(rt.decode(prompt, 8), ids)
+
+
 def test_stories_fallbacks_are_reported(stories_dir, tmp_path):
     """Hidden 64 / FFN 172: K-quants fall back to Q5_0 and ffn_down to F16, as llama.cpp does, and the notes say so."""
     art = api.export(stories_dir, "gguf", tmp_path / "k.gguf", qtype="q4_k_m", verify=False)
