@@ -238,6 +238,9 @@ PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
               help="wanda/sparsegpt: arithmetic of the calibration forwards [auto].")
 @click.option("--block-size", type=int, default=None, help="sparsegpt: columns sharing a mask decision [128].")
 @click.option("--damp", type=float, default=None, help="sparsegpt: dampening, a fraction of the mean Hessian diagonal [0.01].")
+@click.option("--owl", type=float, default=None,
+              help="wanda/sparsegpt with --sparsity: per-block sparsities from the blocks' outlier shares, "
+                   "spread this much around the target (OWL; 0.08).")
 @click.option("--scheme", default=None,
               help="sparsegpt: also quantize onto this scheme (w4g128, q4_k, ...) in the same sweep, GPTQ's solver.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
@@ -248,7 +251,7 @@ PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @ALLOW_PICKLE
 def prune(model, output, method, sparsity, mask, targets, ignore, structured, ffn, heads, layers, params, score,
-          round_to, calib, nsamples, seqlen, seed, calib_precision, block_size, damp, scheme, dtype, max_shard_size,
+          round_to, calib, nsamples, seqlen, seed, calib_precision, block_size, damp, owl, scheme, dtype, max_shard_size,
           resume, offload_activations, overwrite, allow_pickle) -> None:
     """Prune MODEL (a Hugging Face model directory) into a model directory at OUTPUT. By default weights are
     set to zero in place, shapes kept (the file is as large and as fast as before: quantize it, or see README
@@ -266,7 +269,7 @@ def prune(model, output, method, sparsity, mask, targets, ignore, structured, ff
     if structured:
         config = _structured_config(shapes, {"method": method, "sparsity": sparsity, "mask": mask,
                                              "targets": targets, "ignore": ignore, "block_size": block_size,
-                                             "damp": damp, "scheme": scheme}, calib_precision)
+                                             "damp": damp, "owl": owl, "scheme": scheme}, calib_precision)
         _write_dir(model, output, config, CalibConfig(calib, nsamples, seqlen, seed), dtype, overwrite, allow_pickle,
                    max_shard_size, resume, offload_activations)
         return
@@ -274,9 +277,9 @@ def prune(model, output, method, sparsity, mask, targets, ignore, structured, ff
         if value is not None:
             raise SqueezeError(f"--{key.replace('_', '-')} is an option of --structured pruning")
     method = method or "wanda"
-    given = {"calib_precision": calib_precision, "block_size": block_size, "damp": damp, "scheme": scheme}
-    allowed = {"magnitude": (), "wanda": ("calib_precision",),
-               "sparsegpt": ("calib_precision", "block_size", "damp", "scheme")}
+    given = {"calib_precision": calib_precision, "block_size": block_size, "damp": damp, "owl": owl, "scheme": scheme}
+    allowed = {"magnitude": (), "wanda": ("calib_precision", "owl"),
+               "sparsegpt": ("calib_precision", "block_size", "damp", "owl", "scheme")}
     for key, value in given.items():
         if value is not None and key not in allowed[method]:
             raise SqueezeError(f"--{key.replace('_', '-')} does not apply to --method {method}")

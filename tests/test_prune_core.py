@@ -122,3 +122,16 @@ def test_gptq_keeps_zeros_of_pruned_layers_only(monkeypatch):
     assert torch.equal(gptq_core.gptq_quantize(dense, hessian, grid).values, pinned_dense)
     revived = gptq_core.gptq_quantize(pruned, hessian, grid).values
     assert (revived[pruned == 0] != 0).any()  # without pinning GPTQ's updates revive pruned weights
+
+
+def test_owl_sparsities_keep_the_mean_and_spare_outlier_blocks():
+    from squeeze.passes.prune_core import outlier_share, owl_sparsities
+
+    # OWL's reference: ratios scaled to [0, 2 * lambda], centred on 1 - target; more outliers, lower sparsity
+    sparsities = owl_sparsities([0.01, 0.03, 0.02, 0.05], target=0.5, spread=0.08)
+    assert sum(sparsities) / 4 == pytest.approx(0.5)
+    assert max(sparsities) - min(sparsities) == pytest.approx(0.16)
+    assert sparsities[3] == min(sparsities) and sparsities[0] == max(sparsities)
+    assert owl_sparsities([0.02, 0.02], 0.5, 0.08) == [0.5, 0.5]
+    # one score of 10 among ninety-nine of 1: mean 1.09, so only it is above 5 x the mean
+    assert outlier_share([torch.ones(99), torch.tensor([10.0])], 5.0) == pytest.approx(0.01)

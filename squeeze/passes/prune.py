@@ -11,7 +11,7 @@ Zeros alone make a model neither smaller nor faster in any runtime squeeze expor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from squeeze.errors import SqueezeError
 from squeeze.model import linear_weight, select_linears
 from squeeze.passes.gptq_core import HessianAccumulator
-from squeeze.passes.prune_core import (Pattern, magnitude_prune, sparsegpt_mask, sparsegpt_prune, sparsity_of,
-                                       wanda_prune)
+from squeeze.passes.prune_core import (Pattern, magnitude_prune, outlier_share, owl_sparsities, sparsegpt_mask,
+                                       sparsegpt_prune, sparsity_of, wanda_prune)
 from squeeze.precision import check_calib_precision
 from squeeze.registry import register_pass
 from squeeze.scheme import GGUFMix, QuantScheme
@@ -48,8 +48,23 @@ class _PruneConfig:
 
     @property
     def label(self) -> str:
-        """What the records call the pattern ("0.5", "2:4")."""
-        return self.pattern.name
+        """What the records call the pattern ("0.5", "2:4", "0.5 owl0.08")."""
+        owl = getattr(self, "owl", None)
+        return self.pattern.name + (f" owl{owl:g}" if owl else "")
+
+
+def check_owl(config) -> None:
+    """OWL's options (``owl``: the spread of per-block sparsities; ``owl_threshold``: OWL's M) are sane."""
+    if config.owl is None:
+        return
+    if config.mask is not None:
+        raise SqueezeError("--owl sets a sparsity per block; it does not apply to N:M masks (use --sparsity)")
+    if not 0.0 < config.owl < 0.5:
+        raise SqueezeError(f"--owl is the spread of per-block sparsities around the target, in (0, 0.5); got "
+                           f"{config.owl}")
+    if config.owl_threshold <= 1.0:
+        raise SqueezeError(f"owl_threshold (OWL's M: outliers are scores above M x the mean) must exceed 1, "
+                           f"got {config.owl_threshold}")
 
 
 @dataclass(frozen=True)
@@ -59,13 +74,17 @@ class Magnitude(_PruneConfig):
 
 @dataclass(frozen=True)
 class Wanda(_PruneConfig):
-    """Zero the lowest |W_ij| * ||X_j|| of each output row (Sun et al. 2023); no weight update."""
+    """Zero the lowest |W_ij| * ||X_j|| of each output row (Sun et al. 2023); no weight update. ``owl``: per-block
+    sparsities from the blocks' outlier shares, spread by that much around the target (OWL; 0.08 in the paper)."""
 
     calib_precision: str = "auto"
+    owl: float | None = None
+    owl_threshold: float = 5.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_calib_precision(self.calib_precision)
+        check_owl(self)
 
 
 @dataclass(frozen=True)
@@ -78,10 +97,13 @@ class SparseGPT(_PruneConfig):
     damp: float = 0.01
     calib_precision: str = "auto"
     scheme: QuantScheme | None = None
+    owl: float | None = None
+    owl_threshold: float = 5.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_calib_precision(self.calib_precision)
+        check_owl(self)
         if self.scheme is not None and isinstance(self.scheme, GGUFMix):
             raise SqueezeError("SparseGPT quantizes jointly onto one grid; give a scheme such as w4g128 or q4_k, "
                                "not a GGUF mix")
@@ -123,14 +145,64 @@ def apply_magnitude(model: nn.Module, config: Magnitude, calib=None, io=None) ->
     return run_blockwise(model, layers, process, io, desc="magnitude")
 
 
+class _Untouched:
+    """A `squeeze.runner.BlockIO` seen through a pass that changes nothing: blocks are read and freed, and no
+    block is recorded as done."""
+
+    def __init__(self, io):
+        self.io, self.dp = io, getattr(io, "dp", None)
+
+    def finished(self, index: int) -> bool:
+        return False
+
+    def load(self, index: int, block: nn.Module, finished: bool) -> None:
+        self.io.load(index, block, finished=False)
+
+    def done(self, index: int, prefix: str, block: nn.Module, records) -> None:
+        self.io.done(index, prefix, block, None)
+
+    def outside_blocks(self):
+        return self.io.outside_blocks()
+
+    def activations(self, tokens: int, streams: int, device: torch.device):
+        return self.io.activations(tokens, streams, device)
+
+
+def owl_sparsity(model: nn.Module, layers: dict[str, nn.Module], config, calib, io=None) -> dict[str, float]:
+    """OWL: block prefix -> its sparsity, from each block's outlier share of Wanda scores on the dense model."""
+    shares: dict[str, float] = {}
+
+    def process(prefix: str, block: nn.Module, block_layers: dict[str, nn.Module], inputs: BlockInputs):
+        sumsq: dict[str, torch.Tensor] = {}
+
+        def observe(name: str, x: torch.Tensor) -> None:
+            x = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
+            sumsq[name] = sumsq[name] + x if name in sumsq else x
+
+        collect_inputs(block, inputs, block_layers, observe)
+        if inputs.dp is not None:
+            for t in sumsq.values():
+                inputs.dp.sum_(t)
+        scores = [linear_weight(m).detach().float().abs() * sumsq[n].sqrt().unsqueeze(0)
+                  for n, m in block_layers.items()]
+        shares[prefix] = outlier_share(scores, config.owl_threshold)
+        return {}
+
+    run_sequential(model, layers, calib, process, desc="owl outliers", precision=config.calib_precision,
+                   io=None if io is None else _Untouched(io))
+    return dict(zip(shares, owl_sparsities(list(shares.values()), config.pattern.sparsity, config.owl)))
+
+
 def _calibrated(prune_layer):
     """apply(model, config, calib): Hessians per group of layers, block by block, then
     ``prune_layer(model, name, module, hessian, config)`` -> the layer's record."""
 
     def apply(model: nn.Module, config, calib=None, io=None) -> dict[str, dict]:
         layers = _select(model, config)
+        per_block = owl_sparsity(model, layers, config, calib, io) if config.owl else None
 
         def process(prefix: str, block: nn.Module, block_layers: dict[str, nn.Module], inputs: BlockInputs):
+            block_config = config if per_block is None else replace(config, sparsity=per_block[prefix], owl=None)
             records = {}
             for group in groups_by_shared_input(block, inputs, block_layers):
                 device = inputs.hidden[0].device
@@ -138,7 +210,7 @@ def _calibrated(prune_layer):
                 collect_inputs(block, inputs, {group[0]: block_layers[group[0]]}, lambda n, x: acc.add(x))
                 acc.combine(inputs.dp)
                 for name in group:
-                    records[name] = prune_layer(model, name, block_layers[name], acc.hessian, config)
+                    records[name] = prune_layer(model, name, block_layers[name], acc.hessian, block_config)
             return records
 
         return run_sequential(model, layers, calib, process, desc=type(config).__name__.lower(),

@@ -164,5 +164,24 @@ def sparsegpt_mask(pattern: Pattern):
     return choose
 
 
+def outlier_share(scores: list[torch.Tensor], threshold: float) -> float:
+    """OWL's layer outlier ratio: the share of a block's Wanda scores |W_ij| * ||X_j|| (all its layers
+    together) above ``threshold`` times their mean (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity")."""
+    total = sum(s.numel() for s in scores)
+    mean = sum(float(s.sum()) for s in scores) / total
+    return sum(int((s > threshold * mean).sum()) for s in scores) / total
+
+
+def owl_sparsities(outliers: list[float], target: float, spread: float) -> list[float]:
+    """Per-block sparsity averaging ``target``: blocks with more outliers keep more weights, linearly in their
+    outlier share, from target - spread (most outliers) to target + spread (fewest), as OWL's reference does."""
+    low, high = min(outliers), max(outliers)
+    if high - low <= 0.0:
+        return [target] * len(outliers)
+    keep = [(o - low) / (high - low) * 2 * spread for o in outliers]
+    mean = sum(keep) / len(keep)
+    return [min(MAX_SPARSITY, max(0.0, target - (k - mean))) for k in keep]
+
+
 def sparsity_of(weight: torch.Tensor) -> float:
     return float((weight == 0).float().mean())
