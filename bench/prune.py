@@ -7,9 +7,11 @@ Model, evaluation and calibration as in bench/smollm2.py: SmolLM2-135M-Instruct 
 the first 300 lines of WikiText-2 test (windows of 512, KLD and top-1 against the dense model), the bundled
 stories calibration text (128 windows of 512 tokens: `squeeze prune`'s defaults).
 
-Cells: magnitude, Wanda and SparseGPT at 50% and at 2:4; then GPTQ w4g128 on the dense model and on the 50%
-Wanda and SparseGPT models (pruned weights stay zero through GPTQ; the cell checks it). Zeros change neither
-the file's size nor any runtime's speed: the table gives bytes to show it, and no speed column.
+Cells: magnitude, Wanda and SparseGPT at 50% and at 2:4; Wanda and SparseGPT at 50% with OWL's per-block
+sparsities (--owl 0.08); then GPTQ w4g128 on the dense model and on the 50% Wanda and SparseGPT models
+(pruned weights stay zero through GPTQ; the cell checks it), and SparseGPT pruning and quantizing to w4g128
+in one sweep. Zeros change neither the file's size nor any runtime's speed: the table gives bytes to show
+it, and no speed column.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from squeeze.calib import CalibConfig  # noqa: E402
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = {"50%": {"sparsity": 0.5}, "2:4": {"mask": "2:4"}}
 THEN_GPTQ = ("wanda", "sparsegpt")
+OWL = 0.08
 SCHEME = "w4g128"
 
 
-def prune_config(method: str, pattern: str):
+def prune_config(method: str, pattern: str, **options):
     from squeeze.passes.prune import Magnitude, SparseGPT, Wanda
 
-    return {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}[method](**PATTERNS[pattern])
+    return {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}[method](**PATTERNS[pattern], **options)
 
 
 def scored(out: Path, dense: Path, text: Path) -> dict:
@@ -73,6 +76,13 @@ def cells(work: Path, fresh: bool) -> list[dict]:
                 return {"method": method, "pattern": pattern, "then": "-", **scored(out, dense, text)}
             rows.append(store.get(f"{method}-{pattern.replace('%', '')}", measure))
 
+    for method in THEN_GPTQ:
+        def owl(method=method):
+            out = work / f"{method}-50-owl"
+            api.quantize_dir(dense, out, prune_config(method, "50%", owl=OWL), CalibConfig(), overwrite=True)
+            return {"method": method, "pattern": f"50% owl {OWL}", "then": "-", **scored(out, dense, text)}
+        rows.append(store.get(f"{method}-50-owl", owl))
+
     def gptq(source: Path, out: Path) -> None:
         api.quantize_dir(source, out, GPTQ(scheme=get_scheme(SCHEME)), CalibConfig(), overwrite=True)
 
@@ -89,6 +99,14 @@ def cells(work: Path, fresh: bool) -> list[dict]:
             return {"method": method, "pattern": "50%", "then": f"gptq {SCHEME}", **scored(out, dense, text),
                     "zeros_kept": zeros_kept(pruned, out)}
         rows.append(store.get(f"{method}-50-gptq-{SCHEME}", measure))
+
+    def joint():
+        out = work / f"sparsegpt-50-joint-{SCHEME}"
+        api.quantize_dir(dense, out, prune_config("sparsegpt", "50%", scheme=get_scheme(SCHEME)), CalibConfig(),
+                         overwrite=True)
+        return {"method": "sparsegpt", "pattern": "50%", "then": f"{SCHEME} in the same sweep",
+                **scored(out, dense, text)}
+    rows.append(store.get(f"sparsegpt-50-joint-{SCHEME}", joint))
     return rows
 
 

@@ -183,6 +183,8 @@ def test_block_by_block_equals_in_memory_and_quantizes(stories_dir, tmp_path, ca
     assert main(["quantize", str(streamed), "-o", str(tmp_path / "w4"), "--method", "gptq", "--scheme", "w4g32",
                  "--nsamples", "16", "--seqlen", "128"]) == 0
     assert main(["export", "--to", "gguf", str(tmp_path / "w4"), "-o", str(tmp_path / "small.gguf")]) == 0
+    # the exporters verify their files in llama.cpp / onnxruntime against torch; this one decodes on its KV cache
+    assert main(["export", "--to", "onnx", "--kv-cache", str(streamed), "-o", str(tmp_path / "small.onnx")]) == 0
     capsys.readouterr()
     assert main(["inspect", str(streamed)]) == 0
     assert "4 of 5 blocks kept" in capsys.readouterr().out
