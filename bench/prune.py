@@ -128,12 +128,17 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str, report_name: str) -> argparse.ArgumentParser:
+    """The flags of the pruning benchmarks (they share the work directory and its SmolLM2 cells)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=cache_dir() / "bench-prune")
-    parser.add_argument("--report", type=Path, default=ROOT / "reports" / "prune.md")
-    parser.add_argument("--fresh", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--report", type=Path, default=ROOT / "reports" / report_name)
+    parser.add_argument("--fresh", action="store_true", help="measure again instead of reusing finished cells")
+    return parser
+
+
+def main() -> None:
+    args = arguments(__doc__, "prune.md").parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.report.write_text(report(cells(args.work, args.fresh)))
     print(f"wrote {args.report}", file=sys.stderr)

@@ -14,7 +14,6 @@ round by round in one run; the table gives each model's median as a ratio to the
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -23,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
-from bench.models import cache_dir, smollm2_dir, wikitext_lines  # noqa: E402
-from bench.prune import scored  # noqa: E402
+from bench.models import smollm2_dir, wikitext_lines  # noqa: E402
+from bench.prune import arguments, scored  # noqa: E402
 from bench.smollm2 import CTX, EVAL_LINES, Cells  # noqa: E402
 from squeeze import api  # noqa: E402
 from squeeze.calib import CalibConfig  # noqa: E402
@@ -140,10 +139,7 @@ def report(rows: list[dict], timing: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=cache_dir() / "bench-prune")
-    parser.add_argument("--report", type=Path, default=ROOT / "reports" / "structured.md")
-    parser.add_argument("--fresh", action="store_true")
+    parser = arguments(__doc__, "structured.md")
     parser.add_argument("--cells-only", action="store_true", help="prune, score and export; time nothing yet")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
