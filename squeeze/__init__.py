@@ -31,6 +31,8 @@ _EXPORTS = {
     "Wanda": "squeeze.passes.prune",
     "SparseGPT": "squeeze.passes.prune",
     "Structured": "squeeze.passes.structured",
+    "Distill": "squeeze.passes.distill",
+    "QAT": "squeeze.passes.distill",
     "Recipe": "squeeze.recipe",
     "CalibConfig": "squeeze.calib",
     "load_calibration": "squeeze.calib",

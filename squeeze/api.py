@@ -17,7 +17,7 @@ from torch import nn
 
 from squeeze.calib import SELF, CalibConfig, CalibrationSet, load_calibration, read_text, tokenize_stream
 from squeeze.checkpoint import gptq as ckpt
-from squeeze.checkpoint.record import checkpoint_metadata, checkpoint_scheme, is_pruning, layer_record
+from squeeze.checkpoint.record import TRAINING_RECORD, checkpoint_metadata, checkpoint_scheme, keeps_float, layer_record
 from squeeze.checkpoint.shards import shard_limit
 from squeeze.errors import SqueezeError
 from squeeze.exporters import OUTPUT_SUFFIXES, Artifact, get_exporter
@@ -29,7 +29,6 @@ from squeeze.model import (LOAD_ERRORS, auto_class_for, check_finite_files, load
 from squeeze.modules import QuantLinear
 from squeeze.recipe import Recipe
 from squeeze.registry import pass_for_config
-from squeeze.scheme import GGUFMix
 from squeeze.sources import as_model_dir, is_gguf, load_gguf_model, source_hash, source_tokenizer, validate_source
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,17 +38,66 @@ def _as_recipe(config) -> Recipe:
     return config if isinstance(config, Recipe) else Recipe((config,))
 
 
-def quantize(model: nn.Module, config, calib: CalibrationSet | None = None) -> dict[str, dict]:
-    """Apply a pass config (or a Recipe of them) to ``model`` in place; returns per-layer records."""
-    records: dict[str, dict] = {}
-    for pass_config in _as_recipe(config).passes:
+def quantize(model: nn.Module, config, calib: CalibrationSet | None = None, *, teachers: dict | None = None
+             ) -> dict[str, dict]:
+    """Apply a pass config (or a Recipe of them) to ``model`` in place; returns per-layer records.
+
+    Passes that train (`Distill`, `QAT`) learn from a teacher: the model as it is now (before any pass of the
+    recipe), or the model their ``teacher`` names. Its targets are computed before the first pass runs and
+    read from disk while training (``teachers``: already computed, by recipe position). The training logs
+    come back under the key ``"<training>"``.
+    """
+    recipe = _as_recipe(config)
+    for pass_config in recipe.passes:
         entry = pass_for_config(pass_config)
         if entry.needs_calibration(pass_config) and calib is None:
             raise SqueezeError(f"method {entry.name!r} with this scheme needs calibration data")
-        with torch.no_grad():
-            for name, rec in entry.apply(model, pass_config, calib).items():
+    teachers = teacher_targets(recipe, calib, model, known=teachers)
+    records: dict[str, dict] = {}
+    for i, pass_config in enumerate(recipe.passes):
+        entry = pass_for_config(pass_config)
+        if getattr(pass_config, "trains", False):
+            out = entry.apply(model, pass_config, calib, teacher=teachers[i], records=records)
+        else:
+            with torch.no_grad():
+                out = entry.apply(model, pass_config, calib)
+        for name, rec in out.items():
+            if name == TRAINING_RECORD:
+                records.setdefault(TRAINING_RECORD, []).append({"method": entry.name, **rec})
+            else:
                 records[name] = layer_record(records.get(name), entry.name, pass_config, rec)
     return records
+
+
+def teacher_targets(recipe, calib: CalibrationSet | None, model: nn.Module | None = None,
+                    known: dict | None = None) -> dict:
+    """The teacher's targets (`squeeze.passes.distill_core.TeacherTargets`) for every training pass of the
+    recipe, by position (``known`` ones kept): computed from ``model`` as it is now, or from the pass's
+    ``teacher`` path (loaded, scored and dropped), or read from the cache when the same teacher already scored
+    the same tokens. Without ``model``, passes whose teacher is the model itself are left out."""
+    from squeeze.passes.distill import work_dir
+    from squeeze.passes.distill_core import compute_targets, model_fingerprint, open_targets, targets_key
+
+    out, own_id = dict(known or {}), None
+    for i, p in enumerate(_as_recipe(recipe).passes):
+        if not getattr(p, "trains", False) or i in out or (p.teacher is None and model is None):
+            continue
+        if calib is None:
+            raise SqueezeError(f"method {pass_for_config(p).name!r} trains: it needs data (--calib FILE or self)")
+        if p.teacher is None:
+            own_id = own_id or model_fingerprint(model)
+            teacher_id = own_id
+        else:
+            teacher_id = source_hash(validate_source(p.teacher))
+        top_k, layers = p.target_spec()
+        root, key = work_dir(p) / "teacher", targets_key(teacher_id, calib.input_ids, top_k, layers)
+        found = open_targets(root, key)
+        if found is None:
+            teacher = model if p.teacher is None else load(p.teacher)
+            found = compute_targets(teacher, calib.input_ids, root, key, top_k, layers)
+            del teacher
+        out[i] = found
+    return out
 
 
 def prune(model: nn.Module, config, calib: CalibrationSet | None = None) -> dict[str, dict]:
@@ -124,7 +172,7 @@ def save(
     ``max_shard_size``, e.g. "2GB"; default 5GB)."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     passes = _as_recipe(recipe).passes if recipe is not None else ()
-    if not layers and not (passes and all(is_pruning(p) for p in passes)):
+    if not layers and not (passes and all(keeps_float(p) for p in passes)):
         raise SqueezeError("the model has no quantized layers to save; run squeeze.quantize first")
     layer_schemes = {n: m.scheme for n, m in layers.items()}
     scheme = checkpoint_scheme(layer_schemes, passes) if layers else None  # None: pruned, float
@@ -191,7 +239,8 @@ def quantize_dir(
             return prune_dir(src, Path(out), recipe.passes[0], calib_set, overwrite, shard_bytes)
         except StreamUnavailable as e:
             notify(f"loading {str(src)!r} whole: {e}")
-    elif not is_gguf(src) and (calib_set is not None or not needs_calibration):
+    elif not is_gguf(src) and not any(getattr(p, "trains", False) for p in recipe.passes) and \
+            (calib_set is not None or not needs_calibration):  # training updates every block together
         try:
             return quantize_streamed(src, Path(out), recipe, calib_set, _resolve_dtype(dtype), overwrite, resume,
                                      shard_bytes, notify, offload_activations)
@@ -199,10 +248,18 @@ def quantize_dir(
             notify(f"loading {str(src)!r} whole: {e}")
     if resume == "require":
         raise SqueezeError("--resume needs a model directory of safetensors weights quantized block by block")
+    # a teacher named by path is scored before the student loads: the two are never in memory together
+    named = [p.teacher for p in recipe.passes if getattr(p, "teacher", None) is not None]
+    if named and calib_set is None and calib.path == SELF:  # data sampled from the teacher, not the student
+        teacher = load(named[0], dtype, allow_pickle)
+        calib_set = load_calibration(source_tokenizer(validate_source(named[0])), calib, model=teacher)
+        del teacher
+    early = teacher_targets(recipe, calib_set) if calib_set is not None else {}
     model = load(src, dtype, allow_pickle)
     if needs_calibration and calib_set is None:
         calib_set = load_calibration(source_tokenizer(src), calib, model=model)
-    records = quantize(model, recipe, calib_set)
+    teachers = teacher_targets(recipe, calib_set, model, known=early)
+    records = quantize(model, recipe, calib_set, teachers=teachers)
     return save(model, out, recipe, source=src, calib=calib_set, records=records, overwrite=overwrite,
                 max_shard_size=shard_bytes)
 

@@ -16,7 +16,7 @@ import click
 
 from squeeze.errors import SqueezeError, VerificationError
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant")  # the registered passes the CLI exposes (see squeeze.registry)
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "qat")  # the registered passes the CLI exposes (see squeeze.registry)
 # Flags that only some methods take: flag -> the config field it sets, per method.
 METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "gptq": ("damp", "block_size", "act_order", "static_groups", "token_cap", "weighted_fit", "shrink",
@@ -24,6 +24,62 @@ METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "awq": ("token_cap", "shrink", "weighted_fit", "clip", "calib_precision"),
     "smoothquant": ("alpha",),
 }
+# Training flags (quantize --method qat, distill): flag -> TrainingOptions field
+TRAINING_FLAGS: dict[str, str] = {
+    "teacher": "teacher", "steps": "steps", "lr": "lr", "grid_lr": "grid_lr", "train_batch_size": "batch_size", "grad_accum": "grad_accum",
+    "warmup": "warmup", "weight_decay": "weight_decay", "clip_grad": "clip", "train_precision": "precision",
+    "temperature": "temperature", "top_k": "top_k", "ce_weight": "ce_weight", "hidden_layers": "hidden_layers",
+    "hidden_weight": "hidden_weight", "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
+    "holdout": "holdout", "work_dir": "work_dir",
+}
+METHOD_FLAGS["qat"] = ("init", "learn_scales", *TRAINING_FLAGS.values())
+
+
+def training_options(command):
+    """The flags of the training passes (squeeze.passes.distill.TrainingOptions; defaults there)."""
+    options = [
+        click.option("--teacher", default=None,
+                     help="Teacher model (directory or GGUF) [distill: required; qat: the model before quantization]."),
+        click.option("--steps", type=int, default=None, help="Optimizer steps [200]."),
+        click.option("--lr", type=float, default=None,
+                     help="Peak learning rate of float parameters (AdamW; warmup, then cosine) [1e-5]."),
+        click.option("--grid-lr", type=float, default=None,
+                     help="Peak learning rate of quantized weights, in steps of their grid [0.02]."),
+        click.option("--train-batch-size", type=int, default=None, help="Sequences per micro-batch [4]."),
+        click.option("--grad-accum", type=int, default=None, help="Micro-batches per step [1]."),
+        click.option("--warmup", type=int, default=None, help="Warmup steps [10]."),
+        click.option("--weight-decay", type=float, default=None, help="AdamW weight decay [0]."),
+        click.option("--clip-grad", type=float, default=None, help="Gradient norm limit, 0 for none [1]."),
+        click.option("--train-precision", type=click.Choice(["float32", "bfloat16"]), default=None,
+                     help="Forward arithmetic while training (bfloat16: autocast) [float32]."),
+        click.option("--temperature", type=float, default=None, help="Distillation temperature [1]."),
+        click.option("--top-k", type=int, default=None, help="Teacher logits kept per token, cached on disk [128]."),
+        click.option("--ce-weight", type=float, default=None, help="Weight of the data's cross-entropy in the loss [0]."),
+        click.option("--hidden-layers", default=None,
+                     help="Hidden states also matched (MSE), comma-separated: 0 the embeddings, i block i's output."),
+        click.option("--hidden-weight", type=float, default=None, help="Weight of the hidden-state loss [1]."),
+        click.option("--eval-every", type=int, default=None, help="Score the held-out windows every N steps [a tenth of --steps]."),
+        click.option("--checkpoint-every", type=int, default=None,
+                     help="Save the training state every N steps; a killed run resumes from it [50]."),
+        click.option("--holdout", type=int, default=None, help="Data windows kept out of training and scored; the best-scoring state is kept [8]."),
+        click.option("--work-dir", default=None,
+                     help="Teacher targets and training state [$SQUEEZE_CACHE or ~/.cache/squeeze, train/]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _training_kwargs(given: dict) -> dict:
+    """TrainingOptions fields from the training flags that were given."""
+    out = {TRAINING_FLAGS[k]: v for k, v in given.items() if k in TRAINING_FLAGS and v is not None}
+    if "hidden_layers" in out:
+        try:
+            out["hidden_layers"] = tuple(int(x) for x in out["hidden_layers"].split(",") if x.strip())
+        except ValueError:
+            raise SqueezeError(f"--hidden-layers takes comma-separated block numbers, got {given['hidden_layers']!r}") \
+                from None
+    return out
 # quantize, eval and export: the one way to load pickle weights (see README, "What squeeze reads")
 ALLOW_PICKLE = click.option(
     "--allow-pickle", is_flag=True,
@@ -116,6 +172,11 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--float-target/--no-float-target", default=None,
               help="gptq: match the float model's outputs, not the float layer's on already-quantized inputs.")
 @click.option("--alpha", type=float, default=None, help="smoothquant: migration strength in [0, 1] [0.5].")
+@click.option("--init", type=click.Choice(["gptq", "rtn", "awq"]), default=None,
+              help="qat: the pass that puts the weights on the grid before training [gptq].")
+@click.option("--learn-scales/--fixed-scales", default=None,
+              help="qat: train the group scales too (LSQ; float16 as stored), where the grid stores them as floats.")
+@training_options
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe (overrides method/scheme flags).")
 @click.option("--max-shard-size", default=None,
@@ -134,8 +195,8 @@ def _method_options(method: str, given: dict) -> dict:
 @click.pass_context
 def quantize(ctx, model, output, method, scheme, bits, group_size, granularity, asym, act, act_observer, act_asym, targets,
              ignore, calib, nsamples, seqlen, seed, calib_precision, damp, block_size, act_order, static_groups, token_cap, weighted_fit,
-             uncapped_fit, clip, shrink, float_target, alpha, dtype, recipe, max_shard_size, resume,
-             offload_activations, workers, overwrite, allow_pickle) -> int | None:
+             uncapped_fit, clip, shrink, float_target, alpha, init, learn_scales, dtype, recipe, max_shard_size, resume,
+             offload_activations, workers, overwrite, allow_pickle, **training) -> int | None:
     """Quantize MODEL (a Hugging Face model directory or a GGUF file) into a checkpoint at OUTPUT."""
     from squeeze.calib import SELF, CalibConfig
     from squeeze.checkpoint.shards import shard_limit
@@ -161,7 +222,8 @@ def quantize(ctx, model, output, method, scheme, bits, group_size, granularity, 
                                        "static_groups": static_groups, "alpha": alpha, "weighted_fit": weighted_fit, "clip": clip,
                                        "uncapped_fit": uncapped_fit,
                                        "float_target": float_target, "shrink": shrink,
-                                       "calib_precision": calib_precision,
+                                       "calib_precision": calib_precision, "init": init, "learn_scales": learn_scales,
+                                       **_training_kwargs(training),
                                        "token_cap": None if token_cap is None else (token_cap or False)})
     if options.get("token_cap") is False:  # --token-cap 0: no cap
         options["token_cap"] = None
@@ -170,6 +232,8 @@ def quantize(ctx, model, output, method, scheme, bits, group_size, granularity, 
     else:
         qscheme = _scheme_from_flags(scheme, bits, group_size, granularity, asym, act, act_observer, act_asym)
         entry = get_pass(method)
+        if method == "qat":
+            options.setdefault("seed", seed)
         config = entry.config_cls(scheme=qscheme, targets=tuple(targets) or None, ignore=tuple(ignore), **options)
     calib_config = CalibConfig(calib, nsamples, seqlen, seed)
     shard_limit(max_shard_size)
@@ -202,6 +266,38 @@ def _write_dir(model, output, config, calib_config, dtype, overwrite, allow_pick
                            notify=lambda message: click.echo(message, err=True))
     if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks say nothing
         click.echo(f"wrote {out}", err=True)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output model directory.")
+@click.option("--calib", default=None,
+              help="Training text (.txt or .jsonl with a 'text' field), or 'self' to sample it from the teacher "
+                   "[default: bundled corpus].")
+@click.option("--nsamples", type=int, default=128, show_default=True, help="Training sequences.")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per training sequence.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the data windows and the training order.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@training_options
+@ALLOW_PICKLE
+def distill(model, output, calib, nsamples, seqlen, seed, dtype, overwrite, allow_pickle, **training) -> None:
+    """Train MODEL (a quantized or pruned model directory) to match --teacher (the model it was made from);
+    write the result, in MODEL's own format, to OUTPUT. Quantized layers train on their own grid."""
+    from squeeze.calib import SELF, CalibConfig
+    from squeeze.fsutil import check_output_path
+    from squeeze.passes.distill import Distill
+    from squeeze.sources import validate_source
+
+    validate_source(model, allow_pickle)
+    if training.get("teacher") is None:
+        raise SqueezeError("squeeze distill needs --teacher: the model MODEL was compressed from")
+    validate_source(training["teacher"], allow_pickle)
+    check_output_path(output, overwrite, inputs=(model, training["teacher"], None if calib in (None, SELF) else calib))
+    _check_calib_file(calib)
+    config = Distill(**{"seed": seed, **_training_kwargs(training)})
+    _write_dir(model, output, config, CalibConfig(calib, nsamples, seqlen, seed), dtype, overwrite, allow_pickle,
+               None, None, None)
 
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")

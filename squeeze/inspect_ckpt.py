@@ -62,6 +62,7 @@ def describe(path: str | Path) -> dict:
         "quantized_layers": len(quantized),
         "groups": dict(groups),
         "layers": meta.get("layers", {}),
+        "training": meta.get("training") or [],
         "file_bytes": sum(f.stat().st_size for f in weight_files(p)),
     }
 
@@ -84,6 +85,11 @@ def format_description(d: dict) -> str:
                      + (f" (removed {', '.join(dropped)})" if dropped else "")
                      + (f", {kept[0]['ffn_channels']} FFN channels and {len(kept[0]['kv_heads'])} KV heads per block"
                         if kept else ""))
+    for t in d.get("training", []):
+        held = "" if t.get("best_step") is None else f", held-out loss best at step {t['best_step']}"
+        loss = f", loss {t['loss'][0]:.4f} -> {t['loss'][-1]:.4f}" if t.get("loss") else ""
+        lines.append(f"trained:    {t['method']}: {t['steps']} steps, {t['tokens']:,} tokens in {t['seconds']:.0f} s"
+                     f"{loss}{held}")
     if qc is None:
         lines.append("quantized:  no (float checkpoint)")
     else:

@@ -32,6 +32,7 @@ def register_pass(name: str, config_cls: type, apply: Callable, needs_calibratio
 def _load_builtin_passes() -> None:
     # Importing a pass module runs its register_pass call; the list is explicit.
     import squeeze.passes.awq  # noqa: F401
+    import squeeze.passes.distill  # noqa: F401
     import squeeze.passes.gptq  # noqa: F401
     import squeeze.passes.prune  # noqa: F401
     import squeeze.passes.rtn  # noqa: F401

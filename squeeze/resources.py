@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from squeeze.errors import SqueezeError
@@ -27,3 +28,9 @@ def default_calibration_text() -> Path:
 
 def default_eval_text() -> Path:
     return corpus(DEFAULT_EVAL_FILE)
+
+
+def cache_root() -> Path:
+    """squeeze's cache (teacher targets, training state; benchmarks' models): $SQUEEZE_CACHE, else
+    ~/.cache/squeeze."""
+    return Path(os.environ.get("SQUEEZE_CACHE") or Path.home() / ".cache" / "squeeze")

@@ -278,6 +278,8 @@ def quantize_streamed(src: Path, out: Path, recipe: Recipe, calib, dtype: torch.
     calibration activations on disk in ``offload`` (else in memory, or in the temporary output past a limit)."""
     if any(getattr(p, "reshapes", False) for p in recipe.passes):
         raise StreamUnavailable("structured pruning in a recipe with other passes runs on the whole model")
+    if any(getattr(p, "trains", False) for p in recipe.passes):
+        raise StreamUnavailable("training (distillation, QAT) updates every block together")
     map_large_allocations()  # this path exists to keep memory low: no heap fragmentation from 8-32 MiB tensors
     streamed = LazyModel(src, dtype, hash_weights=True)
     if streamed.quantized:

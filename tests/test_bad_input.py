@@ -363,7 +363,8 @@ def test_bench_exits_1_on_a_failed_cell_unless_keep_going(tmp_path, capfd, monke
     rc, out, err = run_cli(capfd, *args)
     assert rc == 1
     assert error_lines(err) == ["error: 1 of 3 bench cells failed (ran 2); first: nosuch:w4g32 x torch:-: unknown "
-                                "method 'nosuch'; known methods: awq, gptq, magnitude, rtn, smoothquant, sparsegpt, structured, "
+                                "method 'nosuch'; known methods: awq, distill, gptq, magnitude, qat, rtn, smoothquant, sparsegpt, "
+                                "structured, "
                                 "wanda; "
                                 "fix it and rerun "
                                 "(finished cells are cached), or pass --keep-going"]

@@ -13,6 +13,10 @@ from squeeze.errors import SqueezeError
 from squeeze.scheme import GGUFMix, QuantScheme
 
 RUN_LOG_NAME = "squeeze-run.json"
+# The key under which passes that train return their logs among the per-layer records (squeeze.json keeps them
+# under "training": loss curve, evaluations, tokens and seconds; a trained model's bytes depend on the machine
+# anyway).
+TRAINING_RECORD = "<training>"
 
 
 def checkpoint_scheme(layer_schemes: dict[str, QuantScheme], passes: tuple):
@@ -32,6 +36,11 @@ PRUNE_KEYS = ("pattern", "sparsity")
 
 def is_pruning(config) -> bool:
     """A pruning pass config (it sets weights to zero, on no grid) rather than a quantization one."""
+    return getattr(config, "scheme", None) is None and not getattr(config, "trains", False)
+
+
+def keeps_float(config) -> bool:
+    """A pass after which a model may hold no quantized layer and still be saved: pruning, distillation."""
     return getattr(config, "scheme", None) is None
 
 
@@ -63,7 +72,8 @@ def _source_pruning(source_path: Path | None) -> dict[str, dict]:
 def checkpoint_metadata(scheme, layer_schemes: dict[str, QuantScheme], records: dict | None, recipe_dict: dict | None,
                         calib, source_path: Path | None, source_sha256: str | None) -> dict:
     """The content of squeeze.json; ``scheme`` None for a float model (pruned, not quantized)."""
-    records = records or {}
+    records = dict(records or {})
+    training = records.pop(TRAINING_RECORD, None)
     layers = {name: {**records.get(name, {}), "scheme": s.name, "scheme_dict": s.to_dict()}
               for name, s in layer_schemes.items()}
     layers.update({name: dict(r) for name, r in records.items() if name not in layers and "pattern" in r})
@@ -79,4 +89,5 @@ def checkpoint_metadata(scheme, layer_schemes: dict[str, QuantScheme], records: 
         if calib is not None else None,
         "source_model": {"path": str(source_path), "sha256": source_sha256} if source_path else None,
         "layers": layers,
+        **({"training": training} if training else {}),
     }
