@@ -58,16 +58,18 @@ def zeros_kept(pruned: Path, quantized: Path) -> bool:
                for n, m in select_linears(before).items())
 
 
-def cells(work: Path, fresh: bool) -> list[dict]:
+def cells(work: Path, fresh: bool, on_row=None) -> list[dict]:
+    """Every cell, in order of the issue's acceptance first; ``on_row(rows)`` after each one."""
     store = Cells(work, fresh)
     dense, text = smollm2_dir(), wikitext_lines(EVAL_LINES)
     from squeeze.model import weights_size
     from squeeze.passes.gptq import GPTQ
     from squeeze.scheme import get_scheme
 
-    rows = [store.get("dense", lambda: {"method": "dense", "pattern": "-", "then": "-",
-                                        "ppl": api.evaluate(dense, text, ctx=CTX, progress=False).ppl,
-                                        "kld": 0.0, "top1": 1.0, "bytes": weights_size(dense)})]
+    rows = _Rows(on_row)
+    rows.append(store.get("dense", lambda: {"method": "dense", "pattern": "-", "then": "-",
+                                            "ppl": api.evaluate(dense, text, ctx=CTX, progress=False).ppl,
+                                            "kld": 0.0, "top1": 1.0, "bytes": weights_size(dense)}))
     for pattern in PATTERNS:
         for method in METHODS:
             def measure(method=method, pattern=pattern):
@@ -75,13 +77,6 @@ def cells(work: Path, fresh: bool) -> list[dict]:
                 api.quantize_dir(dense, out, prune_config(method, pattern), CalibConfig(), overwrite=True)
                 return {"method": method, "pattern": pattern, "then": "-", **scored(out, dense, text)}
             rows.append(store.get(f"{method}-{pattern.replace('%', '')}", measure))
-
-    for method in THEN_GPTQ:
-        def owl(method=method):
-            out = work / f"{method}-50-owl"
-            api.quantize_dir(dense, out, prune_config(method, "50%", owl=OWL), CalibConfig(), overwrite=True)
-            return {"method": method, "pattern": f"50% owl {OWL}", "then": "-", **scored(out, dense, text)}
-        rows.append(store.get(f"{method}-50-owl", owl))
 
     def gptq(source: Path, out: Path) -> None:
         api.quantize_dir(source, out, GPTQ(scheme=get_scheme(SCHEME)), CalibConfig(), overwrite=True)
@@ -107,7 +102,27 @@ def cells(work: Path, fresh: bool) -> list[dict]:
         return {"method": "sparsegpt", "pattern": "50%", "then": f"{SCHEME} in the same sweep",
                 **scored(out, dense, text)}
     rows.append(store.get(f"sparsegpt-50-joint-{SCHEME}", joint))
+    for method in THEN_GPTQ:
+        def owl(method=method):
+            out = work / f"{method}-50-owl"
+            api.quantize_dir(dense, out, prune_config(method, "50%", owl=OWL), CalibConfig(), overwrite=True)
+            return {"method": method, "pattern": f"50% owl {OWL}", "then": "-", **scored(out, dense, text)}
+        rows.append(store.get(f"{method}-50-owl", owl))
+
     return rows
+
+
+class _Rows(list):
+    """A list that calls ``on_row(self)`` after each append (the report is rewritten as cells finish)."""
+
+    def __init__(self, on_row=None):
+        super().__init__()
+        self.on_row = on_row
+
+    def append(self, row) -> None:
+        super().append(row)
+        if self.on_row is not None:
+            self.on_row(list(self))
 
 
 def report(rows: list[dict]) -> str:
@@ -140,7 +155,7 @@ def arguments(description: str, report_name: str) -> argparse.ArgumentParser:
 def main() -> None:
     args = arguments(__doc__, "prune.md").parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(report(cells(args.work, args.fresh)))
+    args.report.write_text(report(cells(args.work, args.fresh, lambda rows: args.report.write_text(report(rows)))))
     print(f"wrote {args.report}", file=sys.stderr)
 
 
