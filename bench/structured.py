@@ -135,7 +135,24 @@ def report(rows: list[dict], timing: dict) -> str:
               "loads from the directory (the script checks it). ffn0.75-weight ranks channels by weight norms "
               "instead of calibration activations (same size; scored only). SmolLM2's FFN has 1536 channels: "
               "0.75 keeps 1152 per block (a multiple of 64)."]
+    weight = next((r for r in rows if r["name"] == "ffn0.75-weight"), None)
+    active = next((r for r in rows if r["name"] == "ffn0.75"), None)
+    if weight and active:
+        lines += ["", f"Weight norms alone are no guide on SmolLM2: the channels they drop take perplexity to "
+                  f"{weight['ppl']:,.0f}, against {active['ppl']:.2f} for the channels the calibration activations "
+                  "rank lowest."]
+    spread = ("every round of every pruned model was faster than every round of the dense model, in both "
+              "runtimes" if _separated(timing) else "the rounds of pruned and dense models overlap")
+    lines += ["", f"Speed: the medians over {timing['rounds']} rounds; {spread} (samples in the cell file "
+              "`speed.json`)."]
     return "\n".join(lines) + "\n"
+
+
+def _separated(timing: dict) -> bool:
+    """Whether every round of every pruned model beat every round of the dense model, in every runtime."""
+    samples = timing["samples"]
+    return all(min(v) > max(samples["dense"][rt]) for name, per in samples.items() if name != "dense"
+               for rt, v in per.items())
 
 
 def main() -> None:

@@ -126,9 +126,9 @@ class QAT(TrainingOptions):
         return get_pass(self.init).config_cls(scheme=self.scheme, targets=self.targets, ignore=self.ignore)
 
 
-def trainable_parameters(model: nn.Module, sparse: set[str]) -> dict[str, nn.Parameter]:
-    """Float parameters inside the transformer blocks (embeddings and the head stay frozen); the weights of
-    ``sparse`` float Linears (pruned) keep their zeros through a gradient mask."""
+def trainable_parameters(model: nn.Module, sparse: set[str]) -> tuple[dict[str, nn.Parameter], list]:
+    """Float parameters inside the transformer blocks (embeddings and the head stay frozen), and the handles of
+    the gradient masks through which the weights of ``sparse`` float Linears (pruned) keep their zeros."""
     found = find_blocks(model)
     if found is None:
         raise SqueezeError("training needs a transformer (a decoder-block list); this model has none")
@@ -138,14 +138,15 @@ def trainable_parameters(model: nn.Module, sparse: set[str]) -> dict[str, nn.Par
     out = {f"{prefix}.{name}": p for name, p in blocks.named_parameters() if p.is_floating_point()}
     # a FakeQuantLinear's scales and zero points train only when learned
     out = {n: p for n, p in out.items() if not (n.endswith((".scales", ".zeros")) and not _learned(model, n))}
+    hooks = []
     for name in sparse:
         module = model.get_submodule(name)
         if isinstance(module, nn.Linear):
             keep = module.weight.detach() != 0
-            module.weight.register_hook(lambda g, keep=keep: g * keep)
+            hooks.append(module.weight.register_hook(lambda g, keep=keep: g * keep))
     for p in out.values():
         p.requires_grad_(True)
-    return out
+    return out, hooks
 
 
 def _learned(model: nn.Module, name: str) -> bool:
@@ -170,7 +171,7 @@ def distill_model(model: nn.Module, config: TrainingOptions, calib, teacher: Tea
     if config.hidden_layers:
         check_hidden_layers(tuple(config.hidden_layers), len(blocks[1]) if blocks else 0)
     fake = prepare(model, learn_scales, sparse)
-    params = trainable_parameters(model, sparse)
+    params, hooks = trainable_parameters(model, sparse)
     lr_scale = grid_lr_scales(fake, config) if config.grid_lr is not None else None
     was_training = model.training
     model.train()
@@ -205,6 +206,8 @@ def distill_model(model: nn.Module, config: TrainingOptions, calib, teacher: Tea
     finally:
         for p in model.parameters():
             p.requires_grad_(False)
+        for hook in hooks:
+            hook.remove()
         model.train(was_training)
     convert(model)
     model.eval()
