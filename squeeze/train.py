@@ -53,7 +53,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise SqueezeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise SqueezeError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise SqueezeError(f"--lr must be a positive number, got {self.lr}")

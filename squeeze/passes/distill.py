@@ -35,8 +35,8 @@ QAT_INITS = ("gptq", "rtn", "awq")
 
 
 @dataclass(frozen=True)
-class TrainingOptions:
-    """Distillation settings shared by `Distill` and `QAT` (the optimisation ones are `TrainConfig`'s).
+class TrainingOptions(TrainConfig):
+    """Distillation settings shared by `Distill` and `QAT`, beside the optimisation ones of `TrainConfig`.
 
     ``teacher``: a model path; None = the model as the recipe found it. ``temperature``: the KD temperature;
     ``top_k``: teacher logits kept per token; ``ce_weight``: weight of the data's next-token cross-entropy
@@ -52,26 +52,16 @@ class TrainingOptions:
     ce_weight: float = 0.0
     hidden_layers: tuple[int, ...] = ()
     hidden_weight: float = 1.0
-    steps: int = 200
-    lr: float = 1e-5
     grid_lr: float | None = 0.02
-    weight_decay: float = 0.0
-    warmup: int = 10
-    batch_size: int = 4
-    grad_accum: int = 1
-    clip: float = 1.0
-    precision: str = "float32"
     eval_every: int | None = None
-    checkpoint_every: int = 50
     holdout: int = 8
-    seed: int = 0
     work_dir: str | None = None
     device: str | None = None
 
     trains: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        self.train_config()  # validates the optimisation settings
+        super().__post_init__()
         if not self.temperature > 0 or not math.isfinite(self.temperature):
             raise SqueezeError(f"--temperature must be a positive number, got {self.temperature}")
         if self.top_k < 1:
@@ -84,7 +74,7 @@ class TrainingOptions:
             raise SqueezeError(f"--holdout must be 0 or more windows, got {self.holdout}")
 
     def train_config(self) -> TrainConfig:
-        names = {f.name for f in fields(TrainConfig)} - {"min_lr_ratio", "eval_every"}
+        names = {f.name for f in fields(TrainConfig)} - {"eval_every"}
         every = max(1, self.steps // 10) if self.eval_every is None else self.eval_every
         return TrainConfig(**{k: getattr(self, k) for k in names}, eval_every=every)
 
