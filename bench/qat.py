@@ -127,6 +127,37 @@ def decode_ratio(work: Path, dense: Path, model: Path, rounds: int = 5) -> dict:
             "decode_ratio": med["distilled"] / med["dense"]}
 
 
+def loss_plot(work: Path, out: Path) -> bool:
+    """Training loss (a 10-step running mean) and held-out loss of every trained cell, from their squeeze.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted(d for d in work.glob("*-qat-*") if (d / "squeeze.json").is_file()) + \
+        sorted(d for d in work.glob("*-distilled") if (d / "squeeze.json").is_file())
+    if not runs:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for d in runs:
+        log = json.loads((d / "squeeze.json").read_text())["training"][-1]
+        loss = log["loss"]
+        smooth = [sum(loss[max(0, i - 9):i + 1]) / len(loss[max(0, i - 9):i + 1]) for i in range(len(loss))]
+        line, = ax.plot(range(1, len(loss) + 1), smooth, label=d.name)
+        if log["eval"]:
+            ax.plot(*zip(*log["eval"]), "o--", color=line.get_color(), markersize=3, linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("distillation loss (KL, top-128)")
+    ax.set_yscale("log")
+    ax.set_title("training loss (lines, 10-step mean) and held-out loss (dots)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return True
+
+
 def recovered(rows: list[dict], name: str, start: str) -> str:
     by = {r["name"]: r for r in rows}
     fp32, a, b = by["fp32"]["ppl"], by[start]["ppl"], by[name]["ppl"]
@@ -173,7 +204,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     stories = stories_cells(work, args.fresh)
     smollm2 = smollm2_cells(work, args.fresh) if args.smollm2 else None
-    args.report.write_text(report(stories, smollm2))
+    text = report(stories, smollm2)
+    plot = args.report.with_name("qat-loss.png")
+    if loss_plot(work, plot):
+        text += f"\n![training and held-out loss]({plot.name})\n"
+    args.report.write_text(text)
     print(f"wrote {args.report}", file=sys.stderr)
 
 

@@ -30,7 +30,7 @@ TRAINING_FLAGS: dict[str, str] = {
     "warmup": "warmup", "weight_decay": "weight_decay", "clip_grad": "clip", "train_precision": "precision",
     "temperature": "temperature", "top_k": "top_k", "ce_weight": "ce_weight", "hidden_layers": "hidden_layers",
     "hidden_weight": "hidden_weight", "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
-    "holdout": "holdout", "work_dir": "work_dir",
+    "holdout": "holdout", "work_dir": "work_dir", "train_device": "device",
 }
 METHOD_FLAGS["qat"] = ("init", "learn_scales", *TRAINING_FLAGS.values())
 
@@ -62,6 +62,8 @@ def training_options(command):
         click.option("--checkpoint-every", type=int, default=None,
                      help="Save the training state every N steps; a killed run resumes from it [50]."),
         click.option("--holdout", type=int, default=None, help="Data windows kept out of training and scored; the best-scoring state is kept [8]."),
+        click.option("--train-device", default=None,
+                     help="Device to train on (cpu, cuda, cuda:1) [where the model is loaded: the CPU]."),
         click.option("--work-dir", default=None,
                      help="Teacher targets and training state [$SQUEEZE_CACHE or ~/.cache/squeeze, train/]."),
     ]

@@ -193,6 +193,7 @@ def test_cli_qat_and_distill(stories_dir, tmp_path, work, capsys):
     (["quantize", "{m}", "-o", "{o}", "--method", "gptq", "--steps", "5"], "--steps applies only to --method qat"),
     (["quantize", "{m}", "-o", "{o}", "--method", "qat", "--scheme", "q4_k", "--learn-scales"], "learned scales"),
     (["quantize", "{m}", "-o", "{o}", "--method", "qat", "--grid-lr", "0"], "--grid-lr"),
+    (["quantize", "{m}", "-o", "{o}", "--method", "qat", "--train-device", "tpu9"], "device"),
 ])
 def test_bad_input_is_one_line(args, message, stories_dir, tmp_path, work, capsys):
     from squeeze.cli import main

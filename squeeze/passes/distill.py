@@ -70,6 +70,8 @@ class TrainingOptions(TrainConfig):
             raise SqueezeError("--ce-weight and --hidden-weight must be 0 or more")
         if self.grid_lr is not None and not self.grid_lr > 0:
             raise SqueezeError(f"--grid-lr must be a positive number of grid steps, got {self.grid_lr}")
+        if self.device is not None:
+            check_device(self.device)
         if self.holdout < 0:
             raise SqueezeError(f"--holdout must be 0 or more windows, got {self.holdout}")
 
@@ -114,6 +116,15 @@ class QAT(TrainingOptions):
         from squeeze.registry import get_pass
 
         return get_pass(self.init).config_cls(scheme=self.scheme, targets=self.targets, ignore=self.ignore)
+
+
+def check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SqueezeError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SqueezeError(f"device {name!r}: this machine has no CUDA device (or torch is a CPU build)")
 
 
 def trainable_parameters(model: nn.Module, sparse: set[str]) -> tuple[dict[str, nn.Parameter], list]:
