@@ -233,3 +233,12 @@ def test_training_is_seeded_and_runs_in_bfloat16(stories_dir, tmp_path):
     c, log = run(precision="bfloat16")
     assert len(log["loss"]) == 4 and all(math.isfinite(x) for x in log["loss"])
     assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_training_passes_round_trip_through_a_yaml_recipe(tmp_path):
+    recipe = Recipe((Structured(ffn=0.5), Distill(teacher="base/", steps=7, hidden_layers=(1, 3))),)
+    recipe.dump_yaml(tmp_path / "r.yaml")
+    assert Recipe.load_yaml(tmp_path / "r.yaml") == recipe
+    qat = Recipe((QAT(scheme=get_scheme("q4_0"), init="rtn", learn_scales=True, grid_lr=0.01),))
+    qat.dump_yaml(tmp_path / "q.yaml")
+    assert Recipe.load_yaml(tmp_path / "q.yaml") == qat
