@@ -86,7 +86,6 @@ def cells(work: Path, fresh: bool, on_row=None) -> list[dict]:
         gptq(dense, out)
         return {"method": "dense", "pattern": "-", "then": f"gptq {SCHEME}", **scored(out, dense, text)}
 
-    rows.append(store.get(f"dense-gptq-{SCHEME}", dense_gptq))
     for method in THEN_GPTQ:
         def measure(method=method):
             pruned, out = work / f"{method}-50", work / f"{method}-50-gptq-{SCHEME}"
@@ -94,6 +93,7 @@ def cells(work: Path, fresh: bool, on_row=None) -> list[dict]:
             return {"method": method, "pattern": "50%", "then": f"gptq {SCHEME}", **scored(out, dense, text),
                     "zeros_kept": zeros_kept(pruned, out)}
         rows.append(store.get(f"{method}-50-gptq-{SCHEME}", measure))
+    rows.append(store.get(f"dense-gptq-{SCHEME}", dense_gptq))
 
     def joint():
         out = work / f"sparsegpt-50-joint-{SCHEME}"
