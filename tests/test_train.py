@@ -102,10 +102,10 @@ def test_keep_best_hands_back_the_best_evaluated_state():
     params, loss_fn = _problem()
     full = list(range(64))
     log = train(params, loss_fn, 64, TrainConfig(steps=10, lr=0.05, eval_every=5, checkpoint_every=0),
-                eval_fn=lambda: -float(loss_fn(full)[0]), keep_best=True, progress=False)
+                eval_fn=lambda: -float(loss_fn(full)[0].detach()), keep_best=True, progress=False)
     assert [s for s, _ in log.evals] == [0, 5, 10] and log.best_step == 0
     assert torch.equal(params["w"].detach(), torch.zeros(8))
     params, loss_fn = _problem()  # and an evaluation that improves keeps the last state
     log = train(params, loss_fn, 64, TrainConfig(steps=10, lr=0.05, eval_every=5, checkpoint_every=0),
-                eval_fn=lambda: float(loss_fn(full)[0]), keep_best=True, progress=False)
+                eval_fn=lambda: float(loss_fn(full)[0].detach()), keep_best=True, progress=False)
     assert log.best_step == 10 and not torch.equal(params["w"].detach(), torch.zeros(8))
