@@ -41,9 +41,13 @@ class TrainingOptions(TrainConfig):
     ``teacher``: a model path; None = the model as the recipe found it. ``temperature``: the KD temperature;
     ``top_k``: teacher logits kept per token; ``ce_weight``: weight of the data's next-token cross-entropy
     added to the KD loss; ``hidden_layers`` / ``hidden_weight``: hidden states (0 = embeddings, i = block i's
-    output) matched by normalised MSE. ``holdout``: training windows kept aside and scored every
-    ``eval_every`` steps. ``work_dir``: where the teacher's targets and the resumable training state go
-    (default: ``$SQUEEZE_CACHE`` or ``~/.cache/squeeze``, under ``train/``).
+    output) matched by normalised MSE. ``lr`` is the learning rate of float parameters (norms, float weights);
+    ``grid_lr`` that of quantized weights, in steps of their grid (`grid_lr_scales`; None: ``lr`` for all).
+    ``holdout``: data windows kept out of training (at most an eighth of them); the distillation loss on them is
+    measured before training, every ``eval_every`` steps (None: a tenth of the steps) and at the end, and the
+    parameters of the best measurement are the result, so training never hands back a model worse on held-out
+    data than the one it was given. ``work_dir``: where the teacher's targets and the resumable training state
+    go (default: ``$SQUEEZE_CACHE`` or ``~/.cache/squeeze``, under ``train/``).
     """
 
     teacher: str | None = None
