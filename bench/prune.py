@@ -58,9 +58,11 @@ def zeros_kept(pruned: Path, quantized: Path) -> bool:
                for n, m in select_linears(before).items())
 
 
-def cells(work: Path, fresh: bool, on_row=None) -> list[dict]:
-    """Every cell, in order of the issue's acceptance first; ``on_row(rows)`` after each one."""
-    store = Cells(work, fresh)
+def cells(work: Path, fresh: bool, on_row=None, finished_only: bool = False) -> list[dict]:
+    """Every cell, in order of the issue's acceptance first; ``on_row(rows)`` after each one. ``finished_only``:
+    the cells already measured, nothing run."""
+    store = _Finished(work) if finished_only else Cells(work, fresh)
+    missing = getattr(store, "missing", [])
     dense, text = smollm2_dir(), wikitext_lines(EVAL_LINES)
     from squeeze.model import weights_size
     from squeeze.passes.gptq import GPTQ
@@ -108,8 +110,23 @@ def cells(work: Path, fresh: bool, on_row=None) -> list[dict]:
             api.quantize_dir(dense, out, prune_config(method, "50%", owl=OWL), CalibConfig(), overwrite=True)
             return {"method": method, "pattern": f"50% owl {OWL}", "then": "-", **scored(out, dense, text)}
         rows.append(store.get(f"{method}-50-owl", owl))
-
+    if missing:
+        rows.missing = missing
     return rows
+
+
+class _Finished(Cells):
+    """The cells already measured; the others are left out (None)."""
+
+    def __init__(self, work: Path):
+        super().__init__(work, False)
+        self.missing: list[str] = []
+
+    def get(self, key: str, measure) -> dict | None:
+        if (self.dir / f"{key}.json").is_file():
+            return super().get(key, measure)
+        self.missing.append(key)
+        return None
 
 
 class _Rows(list):
@@ -118,14 +135,18 @@ class _Rows(list):
     def __init__(self, on_row=None):
         super().__init__()
         self.on_row = on_row
+        self.missing: list[str] = []
 
     def append(self, row) -> None:
+        if row is None:  # a cell not measured (finished_only)
+            return
         super().append(row)
         if self.on_row is not None:
             self.on_row(list(self))
 
 
 def report(rows: list[dict]) -> str:
+    missing = getattr(rows, "missing", [])
     lines = ["# Pruning SmolLM2-135M: magnitude, Wanda, SparseGPT (issue 13)", "",
              "Made by `python bench/prune.py`: SmolLM2-135M-Instruct (float32), WikiText-2 test (first "
              f"{EVAL_LINES} lines, windows of {CTX}), KLD and top-1 against the dense model, calibration on the "
@@ -140,6 +161,8 @@ def report(rows: list[dict]) -> str:
               "Wanda 6.42; 2:4 magnitude 54.59, SparseGPT 10.17, Wanda 11.02.", "",
               "The pruned checkpoints are as large as the dense one (zeros are stored) and run at the dense speed "
               "in every runtime squeeze exports to; a smaller, faster model needs structured pruning."]
+    if missing:
+        lines += ["", f"Not measured in this run (`python bench/prune.py` measures them): {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -153,9 +176,13 @@ def arguments(description: str, report_name: str) -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = arguments(__doc__, "prune.md").parse_args()
+    parser = arguments(__doc__, "prune.md")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="write the report from the cells already measured; run nothing")
+    args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(report(cells(args.work, args.fresh, lambda rows: args.report.write_text(report(rows)))))
+    rows = cells(args.work, args.fresh, lambda done: args.report.write_text(report(done)), args.finished_only)
+    args.report.write_text(report(rows))
     print(f"wrote {args.report}", file=sys.stderr)
 
 
