@@ -82,11 +82,13 @@ class QuantLinear(nn.Module):
         expected = group_index(self.in_features, self.scheme.group_size_for(self.in_features))
         return torch.equal(self.g_idx.cpu(), expected)
 
+    def float32_weight(self) -> torch.Tensor:
+        """The weight the codes stand for, in float32 (before the cast to the compute dtype)."""
+        w = dequantize(self.codes, self.scales, self.zeros, self.g_idx, torch.float32)
+        return w if self.offsets is None else w + self.offsets[:, self.g_idx.long()]
+
     def dequantized_weight(self) -> torch.Tensor:
-        if self.offsets is None:
-            return dequantize(self.codes, self.scales, self.zeros, self.g_idx, self.compute_dtype)
-        w = dequantize(self.codes, self.scales, self.zeros, self.g_idx, torch.float32) + self.offsets[:, self.g_idx.long()]
-        return w.to(self.compute_dtype)
+        return self.float32_weight().to(self.compute_dtype)
 
     def _weight_for(self, dtype: torch.dtype) -> torch.Tensor:
         if self._weight_cache is None:

@@ -46,7 +46,7 @@ class FakeQuantLinear(nn.Module):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.scheme, self.compute_dtype = layer.scheme, layer.compute_dtype
         self.maxq = _code_max(layer)
-        weight = _exact_weight(layer)
+        weight = layer.float32_weight()
         self.latent = nn.Parameter(weight.clone())
         self.learn_scales = learn_scales
         self.learn_zeros = learn_scales and not layer.scheme.symmetric
@@ -147,11 +147,6 @@ def _code_max(layer: QuantLinear) -> int:
 
         return get_format(layer.scheme.gguf.upper()).qmax
     return layer.scheme.maxq
-
-
-def _exact_weight(layer: QuantLinear) -> torch.Tensor:
-    w = dequantize(layer.codes, layer.scales, layer.zeros, layer.g_idx, torch.float32)
-    return w if layer.offsets is None else w + layer.offsets[:, layer.g_idx.long()]
 
 
 def _repack_blocks(raw: torch.Tensor, qtype: str, codes: torch.Tensor) -> torch.Tensor:
