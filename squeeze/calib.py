@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from squeeze.errors import SqueezeError
-from squeeze.resources import default_calibration_text
+from squeeze.resources import cache_root, default_calibration_text
 
 SELF = "self"  # CalibConfig.path that means: sample calibration sequences from the model
 
@@ -117,6 +118,16 @@ def load_calibration(tokenizer, config: CalibConfig, model=None) -> CalibrationS
     return CalibrationSet(windows, str(path))
 
 
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over an in-memory model's parameters and buffers (names, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def bos_token_id(model, tokenizer) -> int:
     """The token every sampled sequence starts from: BOS of the tokenizer or model config, else 0."""
     for source in (tokenizer, getattr(model, "config", None)):
@@ -126,13 +137,37 @@ def bos_token_id(model, tokenizer) -> int:
     return 0
 
 
-@torch.no_grad()
-def sample_from_model(model, config: CalibConfig, bos: int, batch_size: int = 64) -> CalibrationSet:
+def sample_from_model(model, config: CalibConfig, bos: int, batch_size: int = 64, cache: bool = True) -> CalibrationSet:
     """``nsamples`` sequences of ``seqlen`` tokens sampled from ``model`` at temperature 1 (seeded).
 
     Every sequence starts at BOS; sampling uses the KV cache, and a CPU
-    generator so the same seed gives the same tokens on every device.
+    generator so the same seed gives the same tokens on every device. Sampling
+    a large model is slow, so the tokens are kept under ``cache_root()/samples``,
+    keyed by the model's weights and every setting that changes them, and
+    reused by later runs (a distillation retried with other hyperparameters).
     """
+    source = f"self (sampled from the model, temperature 1, seed {config.seed})"
+    path = None
+    if cache:
+        key = hashlib.sha256(json.dumps([model_fingerprint(model), config.nsamples, config.seqlen, config.seed, bos,
+                                         batch_size]).encode()).hexdigest()[:24]
+        path = cache_root() / "samples" / f"{key}.pt"
+        if path.is_file():
+            try:
+                return CalibrationSet(torch.load(path, weights_only=True), source)
+            except Exception:  # a damaged cache file is sampled again and replaced
+                pass
+    tokens = _sample(model, config, bos, batch_size)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(tokens, tmp)
+        tmp.replace(path)  # atomic: a killed run never leaves a short file under the key
+    return CalibrationSet(tokens, source)
+
+
+@torch.no_grad()
+def _sample(model, config: CalibConfig, bos: int, batch_size: int) -> torch.Tensor:
     from tqdm.auto import tqdm
 
     max_ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None) or config.seqlen
@@ -156,4 +191,4 @@ def sample_from_model(model, config: CalibConfig, bos: int, batch_size: int = 64
             out.append(tokens)
     finally:
         model.train(was_training)
-    return CalibrationSet(torch.cat(out), f"self (sampled from the model, temperature 1, seed {config.seed})")
+    return torch.cat(out)

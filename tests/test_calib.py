@@ -8,12 +8,17 @@ import pytest
 import torch
 
 from squeeze import api
-from squeeze.calib import SELF, CalibConfig, load_calibration, read_text
+from squeeze.calib import SELF, CalibConfig, load_calibration, read_text, sample_from_model
 from squeeze.errors import SqueezeError
 from squeeze.model import load_tokenizer
 from squeeze.passes.gptq import GPTQ
 from squeeze.resources import DEFAULT_CALIB_FILE
 from squeeze.scheme import get_scheme
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):  # sampled sequences are cached: keep this module's out of the user's cache
+    monkeypatch.setenv("SQUEEZE_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +53,33 @@ def test_jsonl_uses_the_text_field(tok, tmp_path):
 
 def test_self_sampling_is_seeded_and_starts_at_bos(stories_dir, tok):
     model = api.load(stories_dir)
-    a = load_calibration(tok, CalibConfig(SELF, nsamples=3, seqlen=24, seed=7), model=model)
-    b = load_calibration(tok, CalibConfig(SELF, nsamples=3, seqlen=24, seed=7), model=model)
-    c = load_calibration(tok, CalibConfig(SELF, nsamples=3, seqlen=24, seed=8), model=model)
+    a = sample_from_model(model, CalibConfig(SELF, nsamples=3, seqlen=24, seed=7), tok.bos_token_id, cache=False)
+    b = sample_from_model(model, CalibConfig(SELF, nsamples=3, seqlen=24, seed=7), tok.bos_token_id, cache=False)
+    c = sample_from_model(model, CalibConfig(SELF, nsamples=3, seqlen=24, seed=8), tok.bos_token_id, cache=False)
     assert a.input_ids.shape == (3, 24)
     assert (a.input_ids[:, 0] == tok.bos_token_id).all()
     assert int(a.input_ids.max()) < 512 and int(a.input_ids.min()) >= 0
     assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
     assert "self" in a.source and "seed 7" in a.source
+
+
+def test_self_samples_are_cached_by_model_and_settings(stories_dir, tok, tmp_path):
+    model = api.load(stories_dir)
+    config = CalibConfig(SELF, nsamples=3, seqlen=24, seed=7)
+    fresh = sample_from_model(model, config, tok.bos_token_id, cache=False).input_ids
+    a = load_calibration(tok, config, model=model)
+    files = list((tmp_path / "cache" / "samples").glob("*.pt"))
+    assert torch.equal(a.input_ids, fresh) and len(files) == 1
+    files[0].write_bytes(b"damaged")  # a damaged file is sampled again and replaced
+    assert torch.equal(load_calibration(tok, config, model=model).input_ids, fresh)
+    assert torch.equal(torch.load(files[0], weights_only=True), fresh)
+    torch.save(fresh + 1, files[0])  # the cached tokens are what a second run gets back
+    assert torch.equal(load_calibration(tok, config, model=model).input_ids, fresh + 1)
+    load_calibration(tok, CalibConfig(SELF, nsamples=3, seqlen=24, seed=8), model=model)  # other settings
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    load_calibration(tok, config, model=model)  # other weights
+    assert len(list((tmp_path / "cache" / "samples").glob("*.pt"))) == 3
 
 
 def test_self_needs_the_model(tok):

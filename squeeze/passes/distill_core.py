@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from squeeze.calib import model_fingerprint  # noqa: F401  (the teacher's identity in a targets key)
 from squeeze.errors import SqueezeError
 
 TARGETS_VERSION = 1
@@ -47,16 +48,6 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean squared error of hidden states, normalised by the teacher's mean square (scale-free)."""
     t = teacher.float()
     return (student.float() - t).pow(2).mean() / t.pow(2).mean().clamp(min=1e-12)
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over an in-memory model's parameters and buffers (names, shapes, bytes)."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
