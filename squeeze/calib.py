@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,9 +155,12 @@ def sample_from_model(model, config: CalibConfig, bos: int, batch_size: int = 64
         path = cache_root() / "samples" / f"{key}.pt"
         if path.is_file():
             try:
-                return CalibrationSet(torch.load(path, weights_only=True), source)
-            except Exception:  # a damaged cache file is sampled again and replaced
-                pass
+                cached = torch.load(path, weights_only=True)
+            except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError):
+                cached = None  # a damaged cache file is sampled again and replaced
+            if isinstance(cached, torch.Tensor) and cached.dtype == torch.int64 and cached.dim() == 2 \
+                    and len(cached) == config.nsamples:
+                return CalibrationSet(cached, source)
     tokens = _sample(model, config, bos, batch_size)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

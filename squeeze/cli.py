@@ -177,7 +177,8 @@ def _method_options(method: str, given: dict) -> dict:
 @click.option("--init", type=click.Choice(["gptq", "rtn", "awq"]), default=None,
               help="qat: the pass that puts the weights on the grid before training [gptq].")
 @click.option("--learn-scales/--fixed-scales", default=None,
-              help="qat: train the group scales too (LSQ; float16 as stored), where the grid stores them as floats.")
+              help="qat: train the group scales (zero points, block mins) too, LSQ-style, on the grid the format stores "
+                   "them on (float16; K-quants: integer sub-block scales under the fixed super-block scale).")
 @training_options
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe (overrides method/scheme flags).")

@@ -191,7 +191,6 @@ def test_cli_qat_and_distill(stories_dir, tmp_path, work, capsys):
       "--nsamples", "8", "--seqlen", "32"], "do not exist"),
     (["distill", "{m}", "-o", "{o}", "--teacher", "{m}", "--temperature", "0"], "--temperature"),
     (["quantize", "{m}", "-o", "{o}", "--method", "gptq", "--steps", "5"], "--steps applies only to --method qat"),
-    (["quantize", "{m}", "-o", "{o}", "--method", "qat", "--scheme", "q4_k", "--learn-scales"], "learned scales"),
     (["quantize", "{m}", "-o", "{o}", "--method", "qat", "--grid-lr", "0"], "--grid-lr"),
     (["quantize", "{m}", "-o", "{o}", "--method", "qat", "--train-device", "tpu9"], "device"),
 ])
@@ -205,12 +204,15 @@ def test_bad_input_is_one_line(args, message, stories_dir, tmp_path, work, capsy
     assert message in err and "\n" not in err and not out.exists()
 
 
-def test_qat_on_a_k_quant_grid_exports_its_blocks_exactly(tiny256, tmp_path, work):
-    """Q4_K (6-bit sub-block scales and mins under fp16 super-block scales): QAT keeps the scales and trains the
-    codes; the GGUF exporter writes the checkpoint's blocks as they are and llama.cpp agrees with torch."""
+@pytest.mark.parametrize("learn", [False, True], ids=["fixed-scales", "learned-scales"])
+def test_qat_on_a_k_quant_grid_exports_its_blocks_exactly(learn, tiny256, tmp_path, work):
+    """Q4_K (6-bit sub-block scales and mins under fp16 super-block scales): QAT trains the codes (and with
+    --learn-scales the integer sub-block scales and mins); the GGUF exporter writes the checkpoint's blocks as
+    they are and llama.cpp agrees with torch."""
     from squeeze.checkpoint.gptq import read_metadata
 
-    out = api.quantize_dir(tiny256, tmp_path / "q4k", QAT(scheme=get_scheme("q4_k"), **_train(work, steps=6)),
+    out = api.quantize_dir(tiny256, tmp_path / "q4k", QAT(scheme=get_scheme("q4_k"), learn_scales=learn,
+                                                          **_train(work, steps=6)),
                            CalibConfig(nsamples=16, seqlen=64))
     assert read_metadata(out)["training"][0]["steps"] == 6
     art = api.export(out, "gguf", tmp_path / "q4k.gguf")

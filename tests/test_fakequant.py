@@ -14,7 +14,7 @@ from squeeze.errors import SqueezeError
 from squeeze.model import linear_weight
 from squeeze.modules import QuantLinear
 from squeeze.passes.common import install_rounded
-from squeeze.passes.fakequant import FakeQuantLinear, convert, learnable_scales, prepare
+from squeeze.passes.fakequant import FakeQuantLinear, convert, prepare
 from squeeze.scheme import get_scheme
 
 GRIDS = ["w3g32", "w2g32-asym", "w4g128", "w8", "w4-tensor", "w3g32-asym", "w8a8", "w8a8-dynamic",
@@ -46,10 +46,6 @@ def _train_steps(model: nn.Module, x: torch.Tensor, steps: int = 4) -> None:
 def test_fake_quant_forward_equals_the_converted_layer(scheme, learn):
     model = _quantized(scheme)
     layer = model[0]
-    if learn and not learnable_scales(layer):
-        with pytest.raises(SqueezeError, match="learned scales"):
-            FakeQuantLinear(layer, learn_scales=True)
-        return
     x = torch.randn(6, 256, generator=torch.Generator().manual_seed(2))
     before = layer(x)
     fake = copy.deepcopy(model)
@@ -65,21 +61,40 @@ def test_fake_quant_forward_equals_the_converted_layer(scheme, learn):
     assert codes.dtype == torch.uint8 and int(codes.max()) <= fake[0].scheme.maxq or scheme.startswith("q")
     if learn:
         s = fake[0].scales
-        assert torch.equal(s, s.half().float())  # learned scales are float16 values, as the checkpoint stores
+        assert not torch.equal(s, layer.scales)  # the scales moved
+        if fake[0].gguf_blocks is None:
+            assert torch.equal(s, s.half().float())  # learned scales are float16 values, as the checkpoint stores
+        else:  # float16 d/m or integer sub-block scales/mins: the blocks decode to exactly the layer's weights
+            _assert_blocks_decode_to(fake[0])
 
 
-@pytest.mark.parametrize("scheme", ["q2_k", "q3_k", "q4_k", "q6_k", "q4_1"])
-def test_trained_gguf_blocks_hold_the_trained_codes(scheme):
+def _assert_blocks_decode_to(layer: QuantLinear) -> None:
     from squeeze.exporters.gguf.codecs import dequantize_blocks, unpack
 
+    qb = unpack(layer.gguf_blocks.numpy(), layer.scheme.gguf.upper())
+    assert np.array_equal(dequantize_blocks(qb), layer.dequantized_weight().numpy())  # llama.cpp's decoding
+
+
+@pytest.mark.parametrize("learn", [False, True], ids=["fixed-scales", "learned-scales"])
+@pytest.mark.parametrize("scheme", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_1", "q5_1"])
+def test_trained_gguf_blocks_hold_the_trained_codes(scheme, learn):
+    from squeeze.exporters.gguf.codecs import unpack
+
     model = _quantized(scheme)
+    before = unpack(model[0].gguf_blocks.numpy(), scheme.upper())
     x = torch.randn(6, 256, generator=torch.Generator().manual_seed(2))
-    prepare(model)
+    prepare(model, learn_scales=learn)
     _train_steps(model, x)
     convert(model)
-    layer = model[0]
-    qb = unpack(layer.gguf_blocks.numpy(), scheme.upper())
-    assert np.array_equal(dequantize_blocks(qb), layer.dequantized_weight().numpy())  # llama.cpp's decoding
+    _assert_blocks_decode_to(model[0])
+    after = unpack(model[0].gguf_blocks.numpy(), scheme.upper())
+    if before.scales is not None:  # K-quants: the float16 super-block scales stay, the integer sub-scales learn
+        assert np.array_equal(after.d, before.d) and (before.dmin is None or np.array_equal(after.dmin, before.dmin))
+        assert np.array_equal(after.scales, before.scales) != learn
+        if before.mins is not None:
+            assert np.array_equal(after.mins, before.mins) != learn
+    else:  # Q4_1 / Q5_1: float16 d and m per block
+        assert np.array_equal(after.d, before.d) != learn and np.array_equal(after.dmin, before.dmin) != learn
 
 
 def test_pruned_zeros_stay_zero():

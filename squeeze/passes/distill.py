@@ -98,8 +98,8 @@ class Distill(TrainingOptions):
 class QAT(TrainingOptions):
     """Quantization-aware training on ``scheme``'s exact grid: layers not yet quantized are first rounded by
     ``init`` (GPTQ by default, on the same grid), then trained with the distillation loss against the model the
-    recipe started from. ``learn_scales``: LSQ-style scales (and zero points on asymmetric grids), kept
-    representable in the checkpoint (`fakequant`)."""
+    recipe started from. ``learn_scales``: LSQ-style scales (and zero points on asymmetric grids, block mins
+    on GGUF grids), trained on the grid the checkpoint stores them on (`fakequant`)."""
 
     scheme: QuantScheme | GGUFMix = field(default_factory=lambda: get_scheme("w4g128"))
     init: str = "gptq"
@@ -111,9 +111,6 @@ class QAT(TrainingOptions):
         super().__post_init__()
         if self.init not in QAT_INITS:
             raise SqueezeError(f"unknown QAT init {self.init!r}; choose from {', '.join(QAT_INITS)}")
-        if self.learn_scales and (isinstance(self.scheme, GGUFMix) or self.scheme.gguf_blocks):
-            raise SqueezeError(f"learned scales need a float16 scale per group; {self.scheme.name} stores quantized "
-                               "sub-block scales or block mins: train it with fixed scales (no --learn-scales)")
 
     def init_config(self):
         """The pass that puts the layers on the grid before training."""
@@ -141,8 +138,9 @@ def trainable_parameters(model: nn.Module, sparse: set[str]) -> tuple[dict[str, 
     for p in model.parameters():
         p.requires_grad_(False)
     out = {f"{prefix}.{name}": p for name, p in blocks.named_parameters() if p.is_floating_point()}
-    # a FakeQuantLinear's scales and zero points train only when learned
-    out = {n: p for n, p in out.items() if not (n.endswith((".scales", ".zeros")) and not _learned(model, n))}
+    # a FakeQuantLinear's scales, zero points and block mins train only when learned
+    out = {n: p for n, p in out.items()
+           if not (n.endswith((".scales", ".zeros", ".offsets")) and not _learned(model, n))}
     hooks = []
     for name in sparse:
         module = model.get_submodule(name)
@@ -156,7 +154,7 @@ def trainable_parameters(model: nn.Module, sparse: set[str]) -> tuple[dict[str, 
 
 def _learned(model: nn.Module, name: str) -> bool:
     module = model.get_submodule(name.rsplit(".", 1)[0])
-    return (getattr(module, "learn_scales", False) and name.endswith(".scales")) or \
+    return (getattr(module, "learn_scales", False) and name.endswith((".scales", ".offsets"))) or \
         (getattr(module, "learn_zeros", False) and name.endswith(".zeros"))
 
 
@@ -231,6 +229,7 @@ def grid_lr_scales(fake: dict, config: TrainingOptions) -> dict[str, float]:
         step = float(layer.scales.detach().abs().mean())
         out[f"{name}.latent"] = config.grid_lr * step / config.lr
         out[f"{name}.scales"] = 0.1 * config.grid_lr * step / config.lr
+        out[f"{name}.offsets"] = 0.1 * config.grid_lr * step / config.lr
         out[f"{name}.zeros"] = config.grid_lr / config.lr
     return out
 
