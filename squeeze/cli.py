@@ -472,18 +472,25 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--to", "fmt", required=True, help="Export format (gguf, ...).")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output file.")
-@click.option("--type", "qtype", default=None, help="Format-specific type (gguf: f32, f16, q8_0, q4_0, q4_k_m, ...).")
+@click.option("--type", "qtype", default=None, help="Format-specific type (gguf: f32, f16, q8_0, q4_0, q4_k_m, ...; onnx, tflite: fp32, fp16).")
 @click.option("--requantize", is_flag=True, help="Re-round a calibrated checkpoint onto a different grid (warns).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the file in its runtime and comparing with torch.")
 @click.option("--kv-cache", is_flag=True, help="onnx/tensorrt: past key/value inputs and outputs for token-by-token decoding.")
+@click.option("--seq-len", type=int, default=None,
+              help="tflite: the token graph's fixed length (default: the model's context, at most 512).")
+@click.option("--dynamic-range", is_flag=True,
+              help="tflite: int8 layers quantize their activations at run time (TFLite's dynamic-range kernels) "
+                   "instead of computing in float on the exact weights.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @ALLOW_PICKLE
-def export(model, fmt, output, qtype, requantize, no_verify, kv_cache, overwrite, allow_pickle) -> None:
+def export(model, fmt, output, qtype, requantize, no_verify, kv_cache, seq_len, dynamic_range, overwrite,
+           allow_pickle) -> None:
     """Export MODEL (a float or quantized model directory, or a GGUF file) to a deployment format."""
     from squeeze import api
 
     artifact = api.export(model, fmt, output, qtype=qtype, verify=not no_verify, requantize=requantize,
-                          kv_cache=kv_cache, overwrite=overwrite, allow_pickle=allow_pickle)
+                          kv_cache=kv_cache, seq_len=seq_len, dynamic_range=dynamic_range, overwrite=overwrite,
+                          allow_pickle=allow_pickle)
     for note in artifact.notes:
         click.echo(note, err=True)
     v = artifact.verification

@@ -70,9 +70,11 @@ RUNTIMES: dict[str, tuple[str, str]] = {
     "llama.cpp": ("squeeze.eval.llamacpp", "LlamaCppRuntime"),
     "onnxruntime": ("squeeze.eval.onnxruntime", "OrtRuntime"),
     "tensorrt": ("squeeze.eval.tensorrt", "TensorRTRuntime"),
+    "litert": ("squeeze.eval.tflite", "TFLiteRuntime"),
 }
 # file suffix -> runtime name (directories run in torch)
-SUFFIX_RUNTIMES: dict[str, str] = {".gguf": "llama.cpp", ".onnx": "onnxruntime", ".plan": "tensorrt", ".engine": "tensorrt"}
+SUFFIX_RUNTIMES: dict[str, str] = {".gguf": "llama.cpp", ".onnx": "onnxruntime", ".plan": "tensorrt", ".engine": "tensorrt",
+                                  ".tflite": "litert"}
 
 
 def runtime_for(path: Path) -> str:

@@ -18,10 +18,12 @@ EXPORTERS: dict[str, tuple[str, str, str]] = {
     "gguf": ("squeeze.exporters.gguf.exporter", "export_gguf", "GGUFExport"),
     "onnx": ("squeeze.exporters.onnx.exporter", "export_onnx", "ONNXExport"),
     "tensorrt": ("squeeze.exporters.tensorrt", "export_tensorrt", "TensorRTExport"),
+    "tflite": ("squeeze.exporters.tflite.exporter", "export_tflite", "TFLiteExport"),
 }
 
 # format name -> the endings its output file may have (checked before any work)
-OUTPUT_SUFFIXES: dict[str, tuple[str, ...]] = {"gguf": (".gguf",), "onnx": (".onnx",), "tensorrt": (".plan", ".engine")}
+OUTPUT_SUFFIXES: dict[str, tuple[str, ...]] = {"gguf": (".gguf",), "onnx": (".onnx",), "tensorrt": (".plan", ".engine"),
+                                                 "tflite": (".tflite",)}
 
 
 @dataclass

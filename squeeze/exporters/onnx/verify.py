@@ -52,18 +52,19 @@ def token_inputs(vocab_size: int, seed: int = 0) -> list[tuple[torch.Tensor, tor
     return pairs
 
 
-def compare(outputs: list[tuple[torch.Tensor, torch.Tensor]], exact: bool, logits: bool) -> dict:
-    """Verification record for (onnxruntime, torch) output pairs; raises VerificationError when broken."""
+def compare(outputs: list[tuple[torch.Tensor, torch.Tensor]], exact: bool, logits: bool,
+            runtime: str = "onnxruntime") -> dict:
+    """Verification record for (``runtime``, torch) output pairs; raises VerificationError when broken."""
     test = torch.cat([t.reshape(-1, t.shape[-1]) for t, _ in outputs])
     ref = torch.cat([r.reshape(-1, r.shape[-1]) for _, r in outputs])
     if not torch.isfinite(test).all():
-        raise VerificationError("onnxruntime produced non-finite outputs")
-    record: dict = {"runtime": "onnxruntime", "max_rel_diff": max_rel_diff(test, ref), "cosine": mean_cosine(test, ref)}
+        raise VerificationError(f"{runtime} produced non-finite outputs")
+    record: dict = {"runtime": runtime, "max_rel_diff": max_rel_diff(test, ref), "cosine": mean_cosine(test, ref)}
     if logits:
         record.update(logits_stats(test, ref))
     if exact:
         if record["max_rel_diff"] >= FP32_MAX_REL_DIFF:
-            raise VerificationError(f"float32 graph differs from torch: max relative difference "
+            raise VerificationError(f"the float32 graph in {runtime} differs from torch: max relative difference "
                                     f"{record['max_rel_diff']:.3g} >= {FP32_MAX_REL_DIFF:g}")
     elif logits and record["top1_agreement"] < MIN_TOP1:
         raise VerificationError(f"top-1 agreement with torch on the same weights is {record['top1_agreement']:.3f} "

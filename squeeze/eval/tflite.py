@@ -1,0 +1,121 @@
+"""Runs an exported .tflite file in the LiteRT interpreter (ai-edge-litert), on the CPU with its default
+delegate (XNNPACK), as a deployed app would.
+
+squeeze's token graphs have one fixed sequence length (the file's metadata says which): a shorter window is
+padded at the end (causal attention never looks forward; an encoder's padding is masked), a longer one is
+refused. Generation re-runs the window (the file has no KV-cache signature).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from squeeze.errors import SqueezeError
+
+METADATA_KEY = "squeeze"
+
+
+def read_metadata(path: Path) -> dict:
+    """The squeeze metadata entry of a .tflite file ({} if it has none), read without unpacking the weights."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    raw = Path(path).read_bytes()
+    try:
+        model = fb.Model.GetRootAs(raw, 0)
+        for i in range(model.MetadataLength()):
+            entry = model.Metadata(i)
+            if entry.Name() == METADATA_KEY.encode():
+                return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    except (struct.error, IndexError, ValueError, TypeError, UnicodeDecodeError) as e:  # a damaged file: one line
+        raise SqueezeError(f"{str(path)!r} is not a readable .tflite file ({type(e).__name__})") from None
+    return {}
+
+
+class TFLiteRuntime:
+    """A .tflite file in the LiteRT interpreter: logits for causal LMs, hidden states for encoders."""
+
+    name = "litert"
+
+    def __init__(self, interpreter, path: Path, metadata: dict, tokenizer=None):
+        self.interpreter = interpreter
+        self.path = path
+        self.metadata = metadata
+        self.kind = metadata.get("kind", "module")
+        self.seq_len = metadata.get("seq_len")
+        self.vocab_size = metadata.get("vocab_size")
+        self.max_context = self.seq_len
+        self.tokenizer = tokenizer
+        self.size_bytes = path.stat().st_size
+        self.runner = interpreter.get_signature_runner()
+        details = self.runner.get_input_details()
+        self.inputs = sorted(details, key=lambda n: _arg_index(n))
+        self.input_details = details
+
+    @classmethod
+    def from_path(cls, path: Path, threads: int | None = None) -> TFLiteRuntime:
+        from squeeze.eval.onnxruntime import _tokenizer_for
+        from squeeze.optional import require
+
+        require("ai_edge_litert", "tflite")
+        from ai_edge_litert.interpreter import Interpreter
+
+        path = Path(path)
+        if path.suffix.lower() != ".tflite" or not path.is_file():
+            raise SqueezeError(f"{str(path)!r} is not a .tflite file")
+        metadata = read_metadata(path)
+        try:
+            interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        except (ValueError, RuntimeError) as e:
+            raise SqueezeError(f"LiteRT cannot load {path.name}: {str(e).splitlines()[0]}") from None
+        source = metadata.get("source")
+        return cls(interpreter, path, metadata, _tokenizer_for(path, {"squeeze.source": source} if source else {}))
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """The default signature on ``arrays`` (in input order); its outputs in output order."""
+        feeds = {}
+        for name, array in zip(self.inputs, arrays):
+            dtype = self.input_details[name]["dtype"]
+            feeds[name] = np.asarray(array).astype(dtype, copy=False)
+        out = self.runner(**feeds)
+        return [out[k] for k in sorted(out, key=_arg_index)]
+
+    def _windows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.seq_len is None:
+            raise SqueezeError(f"{self.path.name} is not a token graph squeeze wrote (no sequence length in it)")
+        if input_ids.shape[1] > self.seq_len:
+            raise SqueezeError(f"{self.path.name} takes windows of at most {self.seq_len} tokens, got "
+                               f"{input_ids.shape[1]}; use --ctx {self.seq_len} (or export with a longer --seq-len)")
+        return torch.nn.functional.pad(input_ids, (0, self.seq_len - input_ids.shape[1]))
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.kind != "causal-lm":
+            raise SqueezeError(f"{self.path.name} is an {self.kind} graph without logits; perplexity needs a causal LM")
+        n = input_ids.shape[1]
+        rows = [self.run([self._windows(row[None]).numpy()])[0][:, :n] for row in input_ids]
+        return torch.from_numpy(np.concatenate(rows).astype(np.float32, copy=False))
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """An encoder's last hidden state for each row (padding masked)."""
+        n = input_ids.shape[1]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        rows = [self.run([self._windows(ids[None]).numpy(), self._windows(m[None]).numpy()])[0][:, :n]
+                for ids, m in zip(input_ids, mask)]
+        return torch.from_numpy(np.concatenate(rows).astype(np.float32, copy=False))
+
+    def decode(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy decoding by re-running the window (the file has no KV-cache signature)."""
+        ids = prompt.to(torch.int64)
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, self.logits(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return ids
+
+
+def _arg_index(name: str) -> tuple[int, str]:
+    """args_0, args_1, ... / output_0, ... in their numeric order."""
+    tail = name.rsplit("_", 1)[-1]
+    return (int(tail), name) if tail.isdigit() else (1 << 30, name)

@@ -1,0 +1,294 @@
+"""`squeeze export --to tflite`: litert-torch writes the float graph, squeeze places its own integers, LiteRT checks.
+
+Route (why): litert-torch's converter (`litert_torch.convert`, no TensorFlow needed) lowers the torch graph to
+TFLite ops faithfully, but its quantized lowering (torchao's dequantize_affine) needs a TensorFlow nightly, and
+ai-edge-quantizer re-derives scales (rounding blockwise ones through bfloat16). So the float graph of the
+checkpoint's exact weights is converted, and `flatbuf` puts the checkpoint's codes and float16 scales into the
+FULLY_CONNECTED weights as TFLite's int8 per-channel / int4 blockwise tensors, without re-rounding. The file is
+then read back (its integers and scales must equal the checkpoint's), run in the LiteRT interpreter against
+squeeze's torch model of the same weights, and only then moved into place.
+
+Token models are converted at one fixed sequence length (``seq_len``): a causal LM maps input_ids [1, L] to
+logits [1, L, vocab] (a shorter window is padded at the end, which causal attention never sees), an encoder
+maps input_ids and attention_mask to last_hidden_state. Attention is exported eagerly (SDPA does not lower).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from squeeze.errors import SqueezeError, VerificationError
+from squeeze.exporters import Artifact
+from squeeze.exporters.tflite import flatbuf
+from squeeze.exporters.tflite.weights import float_twins
+
+TFLITE_TYPES = ("fp32", "fp16")
+DEFAULT_SEQ_LEN = 512
+METADATA_KEY = "squeeze"  # the file's metadata entry: JSON with kind, seq_len, vocab_size, precision, source
+
+
+@dataclass(frozen=True)
+class TFLiteExport:
+    """What to write: float type of the float tensors, how int8 layers compute, the token graphs' length."""
+
+    qtype: str = "fp32"
+    # int8 layers: float arithmetic on the exact weights (DEQUANTIZE, weight-only), or TFLite's dynamic-range
+    # kernels (activations quantized to int8 per row at run time). Blockwise int4 is always dynamic-range.
+    dynamic_range: bool = False
+    seq_len: int | None = None  # None: the model's context, at most DEFAULT_SEQ_LEN
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.qtype not in TFLITE_TYPES:
+            raise SqueezeError(f"unknown TFLite --type {self.qtype!r}; choose from {', '.join(TFLITE_TYPES)} "
+                               "(int8/int4 come from a quantized checkpoint: run squeeze quantize first)")
+        if self.seq_len is not None and (isinstance(self.seq_len, bool) or int(self.seq_len) < 1):
+            raise SqueezeError(f"--seq-len must be a positive number of tokens, got {self.seq_len}")
+
+
+def require_litert() -> None:
+    from squeeze.optional import require
+
+    require("litert_torch", "tflite")
+    require("ai_edge_litert", "tflite")
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class _Hidden(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def token_length(model: nn.Module, seq_len: int | None) -> int:
+    ctx = getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN
+    if seq_len is not None and seq_len > ctx:
+        raise SqueezeError(f"--seq-len {seq_len} is longer than the model's context ({ctx} tokens)")
+    return int(seq_len or min(ctx, DEFAULT_SEQ_LEN))
+
+
+def graph_for(model: nn.Module, kind: str, seq_len: int) -> tuple[nn.Module, tuple]:
+    """The module litert-torch converts and its example inputs (fixed shapes)."""
+    ids = torch.randint(0, int(model.config.vocab_size), (1, seq_len), generator=torch.Generator().manual_seed(0))
+    if kind == "causal-lm":
+        return _Logits(model).eval(), (ids,)
+    return _Hidden(model).eval(), (ids, torch.ones_like(ids))
+
+
+def eager_attention(model: nn.Module) -> None:
+    """Eager attention everywhere (litert-torch does not lower scaled_dot_product_attention's fused form)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    elif getattr(model, "config", None) is not None:
+        model.config._attn_implementation = "eager"
+
+
+def convert(module: nn.Module, args: tuple) -> bytes:
+    import logging
+
+    import litert_torch
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    with torch.no_grad():
+        return bytes(litert_torch.convert(module.eval(), args).model_content())
+
+
+def place_weights(raw: bytes, weights: dict[str, flatbuf.IntWeight], floats: dict[str, np.ndarray],
+                  config: TFLiteExport) -> tuple[bytes, list[str]]:
+    """Put the checkpoint's codes (and, at fp16, the float weights) into the converted graph."""
+    model = flatbuf.read(raw)
+    found = flatbuf.fc_weights(model)
+    notes, raised = [], 0
+    kinds: dict[str, int] = {}
+    for name, weight in weights.items():
+        where = found.pop(flatbuf.content_key(floats[name]), None)
+        if where is None:
+            raise SqueezeError(f"{name}: its weight is not a FULLY_CONNECTED weight in the converted graph; "
+                               "the TFLite exporter cannot place its codes")
+        if weight.bits == 4:  # blockwise: float16 scales XNNPACK must accept
+            scales, n = flatbuf.safe_block_scales(weight.scales)
+            raised += n
+            weight = flatbuf.IntWeight(weight.name, weight.levels, scales, weight.bits)
+        flatbuf.place_int_weight(model, where, weight)
+        direct = weight.bits == 4 or config.dynamic_range
+        if direct:
+            flatbuf.set_fc_option(model, where, asymmetric_inputs=True)
+        else:
+            flatbuf.dequantize_in_front(model, where)
+        kind = (f"int{weight.bits} " + ("per-channel" if weight.bits == 8 else f"blockwise b{weight.group}")
+                + (" dynamic-range" if direct else " weight-only"))
+        kinds[kind] = kinds.get(kind, 0) + 1
+    if config.qtype == "fp16":
+        for where in found.values():  # the float FULLY_CONNECTED weights left
+            first = model.subgraphs[where[0][0]].tensors[where[0][1]]
+            values = np.frombuffer(flatbuf._buffer_bytes(model, first), dtype=np.float32)
+            flatbuf.place_float16(model, where, values)
+            flatbuf.dequantize_in_front(model, where)
+        notes.append(f"{len(found)} float FULLY_CONNECTED weight(s) stored as float16")
+    for kind, n in sorted(kinds.items()):
+        notes.append(f"{n} layer(s) written as {kind} with the checkpoint's codes and scales")
+    if raised:
+        notes.append(f"{raised} block scale(s) that are zero or subnormal in float16 raised to 2^-14 "
+                     "(XNNPACK refuses them)")
+    return flatbuf.write(model), notes
+
+
+def add_metadata(raw: bytes, meta: dict) -> bytes:
+    model = flatbuf.read(raw)
+    fb = flatbuf.schema()
+    entry = fb.MetadataT()
+    entry.name = METADATA_KEY.encode()
+    entry.buffer = flatbuf._add_buffer(model, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    model.metadata = [m for m in (model.metadata or []) if m.name != entry.name] + [entry]
+    return flatbuf.write(model)
+
+
+def check_codes(raw: bytes, weights: dict[str, flatbuf.IntWeight]) -> None:
+    """Read the file back: every layer's integers and scales must equal the checkpoint's."""
+    held = flatbuf.read_int_weights(flatbuf.read(raw))
+    for weight in weights.values():
+        got = held.get(weight.name)
+        if got is None or not np.array_equal(got.levels, weight.levels):
+            raise VerificationError(f"{weight.name}: the file's codes differ from the checkpoint's")
+        safe, _ = flatbuf.safe_block_scales(weight.scales) if weight.bits == 4 else (weight.scales, 0)
+        if not np.array_equal(got.scales.astype(np.float32), safe.astype(np.float32)):
+            raise VerificationError(f"{weight.name}: the file's scales differ from the checkpoint's")
+
+
+def export_tflite(src: Path, out: Path, config: TFLiteExport, overwrite: bool = False) -> Artifact:
+    """Export the model directory ``src`` (float, or a squeeze checkpoint) to the .tflite file ``out``."""
+    from squeeze import __version__
+    from squeeze.api import load
+    from squeeze.exporters.onnx.graphs import model_kind
+    from squeeze.model import nonfinite_tensors, refuse_nonfinite
+
+    require_litert()
+    model = load(src, "float32").eval()
+    kind = model_kind(model)
+    if kind == "module":
+        raise SqueezeError(f"{str(src)!r} is neither a causal LM nor an encoder; export plain modules with "
+                           "squeeze.exporters.tflite.export_module")
+    refuse_nonfinite(nonfinite_tensors(model.state_dict().items()), str(src))
+    seq_len = token_length(model, config.seq_len)
+    reference = load(src, "float32").eval() if config.verify else None
+    weights, floats, kept = float_twins(model)
+    eager_attention(model)
+    module, args = graph_for(model, kind, seq_len)
+    meta = {"kind": kind, "seq_len": seq_len, "vocab_size": int(model.config.vocab_size),
+            "source": str(Path(src).resolve()), "version": __version__}
+    check = TokenCheck(kind, int(model.config.vocab_size), seq_len) if config.verify else None
+    return _write(module, args, weights, floats, kept, out, config, overwrite, meta, check, reference)
+
+
+def export_module(module: nn.Module, example_inputs, out: str | Path, config: TFLiteExport | None = None,
+                  overwrite: bool = False) -> Artifact:
+    """Export a plain nn.Module (float or squeeze-quantized, e.g. a CNN) at its example inputs' shapes."""
+    import copy
+
+    from squeeze import __version__
+    from squeeze.fsutil import check_output_path
+
+    require_litert()
+    config = config or TFLiteExport()
+    out = check_output_path(out, overwrite, kind="file", suffixes=(".tflite",))
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    reference = module.eval()
+    model = copy.deepcopy(reference)
+    weights, floats, kept = float_twins(model)
+    meta = {"kind": "module", "version": __version__}
+    check = ModuleCheck(args) if config.verify else None
+    return _write(model.eval(), args, weights, floats, kept, out, config, overwrite, meta, check, reference)
+
+
+def _write(module, args, weights, floats, kept, out, config, overwrite, meta, check, reference) -> Artifact:
+    from squeeze.fsutil import scratch_dir
+
+    raw = convert(module, args)
+    raw, notes = place_weights(raw, weights, floats, config)
+    if kept:
+        reasons = sorted(set(kept.values()))
+        notes.append(f"{len(kept)} layer(s) written as float32 (the exact values of their codes), TFLite cannot "
+                     f"hold them as integers: {'; '.join(reasons)}")
+    precision = _precision(weights, config)
+    raw = add_metadata(raw, {**meta, "precision": precision})
+    check_codes(raw, weights)
+    record = None
+    with scratch_dir(out.parent, out.name) as tmp_dir:
+        final = tmp_dir / out.name
+        final.write_bytes(raw)
+        if check is not None:
+            exact = not weights and config.qtype == "fp32"
+            weight_only = not config.dynamic_range and all(w.bits == 8 for w in weights.values())
+            record = check.run(final, reference, exact=exact or (weight_only and config.qtype == "fp32"))
+        if out.exists() and not overwrite:
+            raise SqueezeError(f"output {str(out)!r} appeared while writing; pass --overwrite to replace it")
+        os.replace(final, out)
+    return Artifact(out, "tflite", precision, out.stat().st_size, record, notes)
+
+
+def _precision(weights: dict, config: TFLiteExport) -> str:
+    bits = sorted({w.bits for w in weights.values()})
+    if not bits:
+        return config.qtype
+    return "+".join(f"int{b}" for b in bits) + ("-dynamic" if config.dynamic_range else "")
+
+
+class TokenCheck:
+    """Seeded token windows of the graph's length through the interpreter and through torch."""
+
+    def __init__(self, kind: str, vocab_size: int, seq_len: int):
+        self.kind, self.vocab_size, self.seq_len = kind, vocab_size, seq_len
+
+    def run(self, path: Path, reference: nn.Module, exact: bool) -> dict:
+        from squeeze.eval.tflite import TFLiteRuntime
+        from squeeze.exporters.onnx.verify import compare
+
+        gen = torch.Generator().manual_seed(0)
+        windows = [torch.randint(0, self.vocab_size, (1, n), generator=gen) for n in (self.seq_len, max(1, self.seq_len // 3))]
+        runtime = TFLiteRuntime.from_path(path)
+        got = [runtime.logits(w) if self.kind == "causal-lm" else runtime.hidden(w) for w in windows]
+        del runtime
+        pairs = []
+        with torch.no_grad():
+            for g, w in zip(got, windows):
+                out = reference(input_ids=w, attention_mask=torch.ones_like(w))
+                pairs.append((g, (out.logits if self.kind == "causal-lm" else out.last_hidden_state).float()))
+        record = compare(pairs, exact, logits=self.kind == "causal-lm", runtime="litert")
+        return record
+
+
+class ModuleCheck:
+    """The module's example inputs through the interpreter and through torch."""
+
+    def __init__(self, args: tuple):
+        self.args = args
+
+    def run(self, path: Path, reference: nn.Module, exact: bool) -> dict:
+        from squeeze.eval.tflite import TFLiteRuntime
+        from squeeze.exporters.onnx.verify import compare
+
+        runtime = TFLiteRuntime.from_path(path)
+        got = runtime.run([a.detach().numpy() for a in self.args])
+        with torch.no_grad():
+            ref = reference(*self.args)
+        refs = list(ref) if isinstance(ref, (tuple, list)) else [ref]
+        return compare([(torch.from_numpy(np.asarray(g, np.float32)), r.float()) for g, r in zip(got, refs)], exact,
+                       logits=False, runtime="litert")

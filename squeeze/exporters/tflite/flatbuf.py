@@ -1,0 +1,249 @@
+"""Edits of a .tflite flatbuffer: squeeze's integer weights placed into the float graph litert-torch wrote.
+
+litert-torch converts the float graph (the checkpoint's weights dequantized to float32, exactly the values its
+codes stand for); each quantized Linear became a FULLY_CONNECTED whose constant weight tensor holds those float32
+bytes, which is how it is found again here (by content, in every signature's subgraph). The weight is then
+replaced by the checkpoint's own codes and scales, never re-rounded:
+
+- int8 per channel: an INT8 tensor with per-channel float32 scales (float16 values, exactly);
+- int4 (2-4 bit symmetric codes) per block of ``group`` input columns: an INT4 tensor (two codes per byte, low
+  nibble first) with TFLite's BlockwiseQuantization, float16 scales [out, in / group];
+- float16: a FLOAT16 constant.
+
+``consume`` says how the FULLY_CONNECTED reads it: "dequantize" puts a DEQUANTIZE op in front (float
+arithmetic on the exact weights: weight-only), "direct" lets the kernel take the integers (TFLite's hybrid /
+dynamic-range kernels: activations quantized to int8 per row at run time). Blockwise int4 can only be
+consumed directly: TFLite's DEQUANTIZE returns zeros for it (measured, ai-edge-litert 2.3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+FC = "FULLY_CONNECTED"
+CONSUME = ("dequantize", "direct")
+# XNNPACK rejects blockwise scales that are zero or subnormal in float16; the smallest normal one replaces them
+MIN_NORMAL_FP16 = np.float16(2.0 ** -14)
+
+
+def schema():
+    from ai_edge_litert import schema_py_generated
+
+    return schema_py_generated
+
+
+def read(raw: bytes):
+    """The flatbuffer as mutable objects (ModelT)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    return flatbuffer_utils.convert_bytearray_to_object(bytearray(raw))
+
+
+def write(model) -> bytes:
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def op_name(model, op) -> str:
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    return flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
+
+
+def content_key(values: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _buffer_bytes(model, tensor) -> bytes | None:
+    if not tensor.buffer or tensor.buffer >= len(model.buffers):
+        return None
+    data = model.buffers[tensor.buffer].data
+    return None if data is None else np.asarray(data, dtype=np.uint8).tobytes()
+
+
+def fc_weights(model) -> dict[str, list[tuple[int, int]]]:
+    """Content hash of every constant float32 FULLY_CONNECTED weight -> [(subgraph, tensor index)]."""
+    float32 = schema().TensorType.FLOAT32
+    found: dict[str, list[tuple[int, int]]] = {}
+    for s, sg in enumerate(model.subgraphs):
+        for op in sg.operators:
+            if op_name(model, op) != FC or len(op.inputs) < 2 or op.inputs[1] < 0:
+                continue
+            tensor = sg.tensors[op.inputs[1]]
+            data = _buffer_bytes(model, tensor) if tensor.type == float32 else None
+            if data is not None:
+                key = hashlib.sha256(data).hexdigest()
+                if (s, op.inputs[1]) not in found.get(key, []):
+                    found.setdefault(key, []).append((s, op.inputs[1]))
+    return found
+
+
+@dataclass(frozen=True)
+class IntWeight:
+    """A layer's codes as TFLite stores them: signed levels (code - zero) and float16 scales per group."""
+
+    name: str
+    levels: np.ndarray  # int8 [out, in]
+    scales: np.ndarray  # float16 [out, groups]; groups == 1: per channel
+    bits: int  # 8, or 4 (2-4 bit codes all fit int4)
+
+    @property
+    def group(self) -> int:
+        return self.levels.shape[1] // self.scales.shape[1]
+
+
+def _add_buffer(model, data: np.ndarray) -> int:
+    buf = schema().BufferT()
+    buf.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.uint8)
+    model.buffers.append(buf)
+    return len(model.buffers) - 1
+
+
+def _add_tensor(sg, name: bytes, ttype: int, shape, buffer: int, quantization=None) -> int:
+    t = schema().TensorT()
+    t.name, t.type, t.shape, t.buffer = name, ttype, list(shape), buffer
+    t.quantization = quantization
+    sg.tensors.append(t)
+    return len(sg.tensors) - 1
+
+
+def pack_int4(levels: np.ndarray) -> np.ndarray:
+    """Two signed 4-bit levels per byte, the first in the low nibble (TFLite's INT4 layout)."""
+    flat = np.ravel(levels).astype(np.int8)
+    if flat.size % 2:
+        flat = np.append(flat, np.int8(0))
+    return ((flat[0::2] & 0xF) | ((flat[1::2] & 0xF) << 4)).astype(np.uint8)
+
+
+def unpack_int4(data: np.ndarray, count: int) -> np.ndarray:
+    data = np.asarray(data, dtype=np.uint8)
+    low, high = (data & 0xF).astype(np.int8), (data >> 4).astype(np.int8)
+    both = np.stack([low, high], axis=-1).reshape(-1)[:count]
+    return np.where(both > 7, both - 16, both).astype(np.int8)
+
+
+def safe_block_scales(scales: np.ndarray) -> tuple[np.ndarray, int]:
+    """float16 scales with zero/subnormal magnitudes raised to the smallest normal float16 (sign kept)."""
+    s = scales.astype(np.float16)
+    bad = np.abs(s.astype(np.float32)) < float(MIN_NORMAL_FP16)
+    return np.where(bad, np.where(s < 0, -MIN_NORMAL_FP16, MIN_NORMAL_FP16), s).astype(np.float16), int(bad.sum())
+
+
+def place_int_weight(model, where: list[tuple[int, int]], weight: IntWeight) -> None:
+    """Replace the float weight tensors at ``where`` (one buffer) by ``weight``'s codes and scales."""
+    fb = schema()
+    first = model.subgraphs[where[0][0]].tensors[where[0][1]]
+    if weight.bits == 8:
+        data = weight.levels.astype(np.int8)
+    else:
+        data = pack_int4(weight.levels)
+    model.buffers[first.buffer].data = np.frombuffer(data.tobytes(), dtype=np.uint8)
+    # int4 is always blockwise (a per-channel int4 layer: one block per row): TFLite's builtin hybrid kernels
+    # compute per-channel int4 wrongly (measured, ai-edge-litert 2.3), its blockwise path is right
+    blockwise = weight.bits == 4 or weight.scales.shape[1] > 1
+    scale_buffer = _add_buffer(model, weight.scales.astype(np.float16)) if blockwise else None
+    for s, t in where:
+        sg = model.subgraphs[s]
+        tensor = sg.tensors[t]
+        tensor.name = weight.name.encode()
+        tensor.type = fb.TensorType.INT8 if weight.bits == 8 else fb.TensorType.INT4
+        q = fb.QuantizationParametersT()
+        q.quantizedDimension = 0
+        if scale_buffer is None:  # per channel
+            q.scale = weight.scales[:, 0].astype(np.float32)
+            q.zeroPoint = np.zeros(len(q.scale), dtype=np.int64)
+        else:
+            details = fb.BlockwiseQuantizationT()
+            details.scales = _add_tensor(sg, weight.name.encode() + b".scales", fb.TensorType.FLOAT16,
+                                         weight.scales.shape, scale_buffer)
+            details.zeroPoints = -1
+            details.blockSize = weight.group
+            q.detailsType = fb.QuantizationDetails.BlockwiseQuantization
+            q.details = details
+        tensor.quantization = q
+
+
+def place_float16(model, where: list[tuple[int, int]], values: np.ndarray, name: str | None = None) -> None:
+    """Replace the float32 constant at ``where`` by its float16 rounding."""
+    fb = schema()
+    first = model.subgraphs[where[0][0]].tensors[where[0][1]]
+    model.buffers[first.buffer].data = np.frombuffer(values.astype(np.float16).tobytes(), dtype=np.uint8)
+    for s, t in where:
+        tensor = model.subgraphs[s].tensors[t]
+        tensor.type = fb.TensorType.FLOAT16
+        if name:
+            tensor.name = name.encode()
+
+
+def _opcode(model, builtin: int) -> int:
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    fb = schema()
+    for i, code in enumerate(model.operatorCodes):
+        if flatbuffer_utils.get_builtin_code_from_operator_code(code) == builtin:
+            return i
+    code = fb.OperatorCodeT()
+    code.builtinCode = builtin
+    code.deprecatedBuiltinCode = min(builtin, 127)
+    code.version = 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def dequantize_in_front(model, where: list[tuple[int, int]]) -> None:
+    """A DEQUANTIZE op (constant -> float32) in front of every consumer of the tensors at ``where``."""
+    fb = schema()
+    code = _opcode(model, fb.BuiltinOperator.DEQUANTIZE)
+    for s, t in where:
+        sg = model.subgraphs[s]
+        tensor = sg.tensors[t]
+        out = _add_tensor(sg, tensor.name + b".dequantized", fb.TensorType.FLOAT32, tensor.shape, 0)
+        for op in sg.operators:
+            op.inputs = np.asarray([out if i == t else i for i in op.inputs], dtype=np.int32)
+        dq = fb.OperatorT()
+        dq.opcodeIndex, dq.inputs, dq.outputs = code, np.asarray([t], np.int32), np.asarray([out], np.int32)
+        sg.operators.insert(0, dq)
+
+
+def read_int_weights(model) -> dict[str, IntWeight]:
+    """Every INT8/INT4 constant with per-channel or blockwise scales, by tensor name (what the file holds)."""
+    fb = schema()
+    out: dict[str, IntWeight] = {}
+    for sg in model.subgraphs:
+        for tensor in sg.tensors:
+            if tensor.type not in (fb.TensorType.INT8, fb.TensorType.INT4) or tensor.quantization is None:
+                continue
+            raw = _buffer_bytes(model, tensor)
+            if raw is None:
+                continue
+            rows, cols = int(tensor.shape[0]), int(np.prod(tensor.shape[1:]))
+            data = np.frombuffer(raw, dtype=np.uint8)
+            if tensor.type == fb.TensorType.INT8:
+                levels, bits = data.view(np.int8).reshape(rows, cols), 8
+            else:
+                levels, bits = unpack_int4(data, rows * cols).reshape(rows, cols), 4
+            q = tensor.quantization
+            if q.detailsType == fb.QuantizationDetails.BlockwiseQuantization:
+                scale_tensor = sg.tensors[q.details.scales]
+                scales = np.frombuffer(_buffer_bytes(model, scale_tensor), dtype=np.float16).reshape(
+                    rows, cols // q.details.blockSize)
+            elif q.scale is not None and len(q.scale) == rows:
+                scales = np.asarray(q.scale, dtype=np.float32).astype(np.float16)[:, None]
+            else:
+                continue
+            out[tensor.name.decode()] = IntWeight(tensor.name.decode(), levels, scales, bits)
+    return out
+
+
+def set_fc_option(model, where: list[tuple[int, int]], asymmetric_inputs: bool) -> None:
+    """The FULLY_CONNECTED ops reading ``where``: quantize their float inputs asymmetrically (per row) at run time."""
+    targets = {(s, t) for s, t in where}
+    for s, sg in enumerate(model.subgraphs):
+        for op in sg.operators:
+            if op_name(model, op) == FC and len(op.inputs) > 1 and (s, int(op.inputs[1])) in targets:
+                if op.builtinOptions is not None and hasattr(op.builtinOptions, "asymmetricQuantizeInputs"):
+                    op.builtinOptions.asymmetricQuantizeInputs = asymmetric_inputs

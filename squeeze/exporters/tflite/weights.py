@@ -1,0 +1,86 @@
+"""Which squeeze layers TFLite can hold as they are, and their codes in TFLite's terms.
+
+TFLite stores symmetric integer weights only (zero point 0): int8 per channel, or 4-bit codes per channel or
+per block of input columns (BlockwiseQuantization, float16 scales). A symmetric squeeze grid maps onto that
+exactly: its codes 0..2^b-1 around the fixed zero 2^(b-1) are the signed levels code - 2^(b-1), its float16
+scales are copied. Anything else is refused in one line that names the scheme to use instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from squeeze.errors import SqueezeError
+from squeeze.exporters.tflite.flatbuf import IntWeight
+from squeeze.model import set_submodule
+from squeeze.modules import QuantLinear
+
+
+class Unplaceable(SqueezeError):
+    """A layer TFLite cannot hold as integers of its own and is written as float32 (the exact values of its codes)."""
+
+
+def _symmetric_name(layer: QuantLinear) -> str:
+    s = layer.scheme
+    return s.name.replace("-asym", "") if "-asym" in s.name else f"w{s.bits}g{s.group_size or 32}"
+
+
+def tflite_weight(name: str, layer: QuantLinear) -> IntWeight:
+    """``layer``'s codes as TFLite holds them, or a SqueezeError saying why it cannot and what to use."""
+    s = layer.scheme
+    if s.activations is not None:
+        raise SqueezeError(f"{name}: {s.name} has int8 activations; the TFLite exporter writes weight-only and "
+                           "dynamic-range layers (W8A8 is not written yet): quantize without --act-bits")
+    if layer.offsets is not None or layer.gguf_blocks is not None:
+        raise SqueezeError(f"{name}: {s.name} stores block mins or quantized sub-block scales, which TFLite cannot "
+                           "hold; use q4_0 or a symmetric integer scheme (w4g32, w8)")
+    if not s.symmetric:
+        raise SqueezeError(f"{name}: TFLite holds symmetric weights only (no zero points) and {s.name} is "
+                           f"asymmetric; quantize with {_symmetric_name(layer)} instead")
+    if not layer.has_ordered_groups():
+        raise SqueezeError(f"{name}: its groups are permuted (GPTQ --act-order without static groups), which TFLite's "
+                           "blocks of consecutive columns cannot hold; quantize with --static-groups or without "
+                           "--act-order")
+    n_groups = layer.scales.shape[1]
+    if n_groups > 1 and layer.in_features % n_groups:
+        raise Unplaceable(f"{layer.in_features} input columns do not split into blocks of {s.group_size}")
+    block = layer.in_features // n_groups
+    if s.bits <= 4 and block % 32:  # measured: LiteRT computes such layers wrongly (KLD 0.03 on stories260K)
+        raise Unplaceable(f"int4 blocks of {block} columns (LiteRT's int4 kernels need a multiple of 32)")
+    if s.bits > 4 and n_groups > 1:
+        raise SqueezeError(f"{name}: TFLite's blockwise quantization holds 4-bit codes only and {s.name} has "
+                           f"{s.bits}-bit groups; use per-channel 8-bit weights (w8) or w4g{s.group_size}")
+    idx = layer.g_idx.long()
+    levels = (layer.codes.to(torch.int16) - layer.zeros[:, idx].round().to(torch.int16)).numpy()
+    lo, hi = (-8, 7) if s.bits <= 4 else (-128, 127)
+    if levels.min() < lo or levels.max() > hi:
+        raise SqueezeError(f"{name}: codes fall outside [{lo}, {hi}] around their zero point; the checkpoint is "
+                           "not a symmetric grid squeeze wrote")
+    scales = layer.scales.detach().float()
+    if not torch.equal(scales, scales.half().float()):
+        raise SqueezeError(f"{name}: scales are not float16 values, as squeeze checkpoints store them")
+    return IntWeight(name + ".weight", levels.astype(np.int8), scales.half().numpy(), 4 if s.bits <= 4 else 8)
+
+
+def float_twins(model: nn.Module) -> tuple[dict[str, IntWeight], dict[str, np.ndarray], dict[str, str]]:
+    """Replace every QuantLinear of ``model`` by an nn.Linear holding the float32 values of its codes (what the
+    converter writes, and finds again by content); returns each layer's codes and those float32 values by name,
+    and the layers TFLite cannot hold as integers (kept float32: why). Refusals come before any change."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    weights, kept_float = {}, {}
+    for name, layer in layers:
+        try:
+            weights[name] = tflite_weight(name, layer)
+        except Unplaceable as e:
+            kept_float[name] = str(e)
+    floats = {name: layer.float32_weight().numpy() for name, layer in layers}
+    for name, layer in layers:
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(layer.float32_weight())
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias.float())
+        set_submodule(model, name, linear.eval())
+    return weights, floats, kept_float

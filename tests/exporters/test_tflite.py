@@ -1,0 +1,184 @@
+"""TFLite export: the float graph from litert-torch, squeeze's own integers placed in it, run by LiteRT.
+
+Every file here is opened by ai-edge-litert's Interpreter (the runtime Android apps embed), not only by
+squeeze's reader.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from squeeze import api
+from squeeze.calib import CalibConfig
+from squeeze.errors import SqueezeError
+from squeeze.modules import QuantLinear
+from squeeze.passes.gptq import GPTQ
+from squeeze.passes.rtn import RTN
+from squeeze.scheme import get_scheme
+
+pytest.importorskip("litert_torch", reason="the tflite extra (litert-torch) is not installed")
+pytest.importorskip("ai_edge_litert", reason="the tflite extra (ai-edge-litert) is not installed")
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def gptq_dirs(stories_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tflite-ckpt")
+    calib = CalibConfig(nsamples=16, seqlen=128)
+    return {name: api.quantize_dir(stories_dir, root / name, GPTQ(scheme=get_scheme(name)), calib)
+            for name in ("w4g32", "w8")}
+
+
+def _file_weights(path):
+    from squeeze.exporters.tflite import flatbuf
+
+    return flatbuf.read_int_weights(flatbuf.read(path.read_bytes()))
+
+
+def _levels(layer: QuantLinear) -> np.ndarray:
+    return (layer.codes.to(torch.int16) - layer.zeros[:, layer.g_idx.long()].to(torch.int16)).numpy()
+
+
+def test_fp32_equals_torch_and_scores_the_same(stories_dir, short_text, tmp_path):
+    art = api.export(stories_dir, "tflite", tmp_path / "m.tflite", seq_len=SEQ)
+    assert art.verification["runtime"] == "litert" and art.verification["max_rel_diff"] < 1e-4
+    torch_ppl = api.evaluate(stories_dir, short_text, ctx=SEQ, progress=False).ppl
+    lite_ppl = api.evaluate(art.path, short_text, ctx=SEQ, progress=False).ppl
+    assert abs(lite_ppl / torch_ppl - 1) < 1e-3  # acceptance: fp32 within 0.1% of torch
+
+
+def test_int4_blockwise_holds_the_gptq_codes_and_scales_exactly(gptq_dirs, short_text, tmp_path):
+    ckpt = gptq_dirs["w4g32"]
+    art = api.export(ckpt, "tflite", tmp_path / "w4.tflite", seq_len=SEQ)
+    model = api.load(ckpt)
+    held = _file_weights(art.path)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    placed = [n for n in layers if layers[n].in_features % 32 == 0]
+    assert len(placed) == 30 and all(held[n + ".weight"].bits == 4 for n in placed)
+    for name in placed:
+        got = held[name + ".weight"]
+        assert np.array_equal(got.levels, _levels(layers[name]))
+        assert np.array_equal(got.scales.astype(np.float32), layers[name].scales.numpy())
+    # down_proj's 172 columns do not split into blocks of 32: written float, said so
+    assert any("5 layer(s) written as float32" in n and "172 input columns" in n for n in art.notes), art.notes
+    torch_ppl = api.evaluate(ckpt, short_text, ctx=SEQ, progress=False).ppl
+    lite_ppl = api.evaluate(art.path, short_text, ctx=SEQ, progress=False).ppl
+    assert abs(lite_ppl / torch_ppl - 1) < 5e-3  # acceptance: within 0.5% of the checkpoint in torch
+
+
+def test_int4_blockwise_runs_with_the_optimized_builtin_kernels_but_not_the_reference_ones(gptq_dirs, tmp_path):
+    """The trap the issue names: TFLite's reference kernels return zeros for blockwise int4 weights."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    art = api.export(gptq_dirs["w4g32"], "tflite", tmp_path / "w4.tflite", seq_len=SEQ)
+    ids = np.random.default_rng(0).integers(0, 512, (1, SEQ)).astype(np.int32)
+    outs = {}
+    for resolver in (OpResolverType.AUTO, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES, OpResolverType.BUILTIN_REF):
+        it = Interpreter(model_path=str(art.path), experimental_op_resolver_type=resolver)
+        outs[resolver] = next(iter(it.get_signature_runner()(args_0=ids).values()))
+    default, builtin = outs[OpResolverType.AUTO], outs[OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES]
+    reference = outs[OpResolverType.BUILTIN_REF]
+    # XNNPACK and the optimized builtin kernels quantize activations slightly differently: same model
+    assert (default.argmax(-1) == builtin.argmax(-1)).mean() > 0.9
+    assert (reference.argmax(-1) == default.argmax(-1)).mean() < 0.5  # zero-weight FCs: not the model
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["weight-only", "dynamic-range"])
+def test_int8_per_channel(gptq_dirs, tmp_path, dynamic):
+    art = api.export(gptq_dirs["w8"], "tflite", tmp_path / "w8.tflite", seq_len=SEQ, dynamic_range=dynamic)
+    model = api.load(gptq_dirs["w8"])
+    held = _file_weights(art.path)
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            got = held[name + ".weight"]
+            assert got.bits == 8 and np.array_equal(got.levels, _levels(layer))
+            assert np.array_equal(got.scales.astype(np.float32), layer.scales.numpy())
+    v = art.verification
+    if dynamic:  # int8 activations at run time: close, not equal
+        assert art.type == "int8-dynamic" and v["top1_agreement"] > 0.95 and v["kld"] < 5e-3
+    else:  # float arithmetic on the exact weights: torch's result
+        assert art.type == "int8" and v["max_rel_diff"] < 1e-4
+    assert json.loads(_metadata(art.path))["precision"] == art.type
+
+
+def _metadata(path) -> str:
+    from squeeze.eval.tflite import read_metadata
+
+    return json.dumps(read_metadata(path))
+
+
+def test_fp16_stores_float16_weights(stories_dir, tmp_path):
+    art = api.export(stories_dir, "tflite", tmp_path / "h.tflite", seq_len=SEQ, qtype="fp16")
+    full = api.export(stories_dir, "tflite", tmp_path / "f.tflite", seq_len=SEQ)
+    assert art.size_bytes < 0.75 * full.size_bytes
+    assert art.verification["top1_agreement"] > 0.95
+    assert any("stored as float16" in n for n in art.notes)
+
+
+@pytest.mark.parametrize("scheme, message", [
+    ("w4g32-asym", "quantize with w4g32 instead"),
+    ("w8g32", "blockwise quantization holds 4-bit codes only"),
+])
+def test_refused_checkpoints_name_what_to_use(stories_dir, tmp_path, scheme, message):
+    ckpt = api.quantize_dir(stories_dir, tmp_path / "q", RTN(scheme=get_scheme(scheme)), CalibConfig())
+    with pytest.raises(SqueezeError, match=message):
+        api.export(ckpt, "tflite", tmp_path / "x.tflite", seq_len=SEQ)
+    assert not (tmp_path / "x.tflite").exists()
+
+
+def test_cli_export_and_eval(gptq_dirs, short_text, tmp_path, capsys):
+    from squeeze.cli import main
+
+    out = tmp_path / "cli.tflite"
+    assert main(["export", str(gptq_dirs["w8"]), "--to", "tflite", "-o", str(out), "--seq-len", str(SEQ)]) == 0
+    assert "verified in litert" in capsys.readouterr().err
+    assert main(["eval", str(out), "--data", str(short_text), "--ctx", str(SEQ), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["runtime"] == "litert" and record["ppl"] > 1
+
+
+def test_damaged_file_is_one_line(tmp_path, capsys):
+    from squeeze.cli import main
+
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"not a flatbuffer at all")
+    assert main(["eval", str(bad), "--data", str(bad)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "bad.tflite" in err and "\n" not in err
+
+
+def test_seq_len_longer_than_the_context_is_refused(stories_dir, tmp_path):
+    with pytest.raises(SqueezeError, match="longer than the model's context"):
+        api.export(stories_dir, "tflite", tmp_path / "x.tflite", seq_len=4096)
+
+
+def test_plain_module_float_and_int8(tmp_path):
+    from torch import nn
+
+    from squeeze.exporters.tflite import TFLiteExport, export_module
+
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 64), nn.ReLU(),
+                        nn.Linear(64, 10)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    art = export_module(cnn, x, tmp_path / "cnn.tflite")
+    assert art.type == "fp32" and art.verification["max_rel_diff"] < 1e-4
+    squeeze_model = squeeze_quantize_linears(cnn, "w8")
+    art8 = export_module(squeeze_model, x, tmp_path / "cnn8.tflite", TFLiteExport())
+    assert art8.type == "int8" and art8.verification["max_rel_diff"] < 1e-4  # weight-only: torch's result
+    assert {w.bits for w in _file_weights(art8.path).values()} == {8}
+
+
+def squeeze_quantize_linears(module, scheme: str):
+    import copy
+
+    import squeeze
+
+    model = copy.deepcopy(module)
+    squeeze.quantize(model, RTN(scheme=get_scheme(scheme)))
+    return model
