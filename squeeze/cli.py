@@ -477,7 +477,8 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
 @click.option("--no-verify", is_flag=True, help="Skip loading the file in its runtime and comparing with torch.")
 @click.option("--kv-cache", is_flag=True, help="onnx/tensorrt: past key/value inputs and outputs for token-by-token decoding.")
 @click.option("--seq-len", type=int, default=None,
-              help="tflite: the token graph's fixed length (default: the model's context, at most 512).")
+              help="tflite: the token graph's fixed length (default: the model's context, at most 512 for a "
+                   "causal LM and 128 for an encoder).")
 @click.option("--dynamic-range", is_flag=True,
               help="tflite: int8 layers quantize their activations at run time (TFLite's dynamic-range kernels) "
                    "instead of computing in float on the exact weights.")

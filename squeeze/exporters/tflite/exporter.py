@@ -30,7 +30,9 @@ from squeeze.exporters.tflite import flatbuf
 from squeeze.exporters.tflite.weights import float_twins
 
 TFLITE_TYPES = ("fp32", "fp16")
-DEFAULT_SEQ_LEN = 512
+# default fixed length of a token graph (at most the model's context): causal LMs score windows of 512,
+# encoders embed sentences of at most 128 tokens (squeeze.eval.embeddings.MAX_TOKENS, sentence-transformers' usual)
+DEFAULT_SEQ_LEN = {"causal-lm": 512, "encoder": 128}
 METADATA_KEY = "squeeze"  # the file's metadata entry: JSON with kind, seq_len, vocab_size, precision, source
 
 
@@ -42,7 +44,7 @@ class TFLiteExport:
     # int8 layers: float arithmetic on the exact weights (DEQUANTIZE, weight-only), or TFLite's dynamic-range
     # kernels (activations quantized to int8 per row at run time). Blockwise int4 is always dynamic-range.
     dynamic_range: bool = False
-    seq_len: int | None = None  # None: the model's context, at most DEFAULT_SEQ_LEN
+    seq_len: int | None = None  # None: the model's context, at most DEFAULT_SEQ_LEN[kind]
     verify: bool = True
 
     def __post_init__(self) -> None:
@@ -78,11 +80,11 @@ class _Hidden(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def token_length(model: nn.Module, seq_len: int | None) -> int:
-    ctx = getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN
+def token_length(model: nn.Module, kind: str, seq_len: int | None) -> int:
+    ctx = getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN[kind]
     if seq_len is not None and seq_len > ctx:
         raise SqueezeError(f"--seq-len {seq_len} is longer than the model's context ({ctx} tokens)")
-    return int(seq_len or min(ctx, DEFAULT_SEQ_LEN))
+    return int(seq_len or min(ctx, DEFAULT_SEQ_LEN[kind]))
 
 
 def graph_for(model: nn.Module, kind: str, seq_len: int) -> tuple[nn.Module, tuple]:
@@ -116,13 +118,18 @@ def place_weights(raw: bytes, weights: dict[str, flatbuf.IntWeight], floats: dic
     """Put the checkpoint's codes (and, at fp16, the float weights) into the converted graph."""
     model = flatbuf.read(raw)
     found = flatbuf.fc_weights(model)
-    notes, raised = [], 0
+    notes, raised, unfolded = [], 0, 0
     kinds: dict[str, int] = {}
     for name, weight in weights.items():
         where = found.pop(flatbuf.content_key(floats[name]), None)
-        if where is None:
-            raise SqueezeError(f"{name}: its weight is not a FULLY_CONNECTED weight in the converted graph; "
-                               "the TFLite exporter cannot place its codes")
+        if where is None:  # the converter folded a multiplication (a LayerNorm's gamma) into the weight: undo it
+            scaled = flatbuf.find_column_scaled(model, found, floats[name])
+            if scaled is None:
+                raise SqueezeError(f"{name}: its weight is not a FULLY_CONNECTED weight in the converted graph; "
+                                   "the TFLite exporter cannot place its codes")
+            where = found.pop(scaled[0])
+            flatbuf.scale_input(model, where, scaled[1])
+            unfolded += 1
         if weight.bits == 4:  # blockwise: float16 scales XNNPACK must accept
             scales, n = flatbuf.safe_block_scales(weight.scales)
             raised += n
@@ -145,6 +152,9 @@ def place_weights(raw: bytes, weights: dict[str, flatbuf.IntWeight], floats: dic
         notes.append(f"{len(found)} float FULLY_CONNECTED weight(s) stored as float16")
     for kind, n in sorted(kinds.items()):
         notes.append(f"{n} layer(s) written as {kind} with the checkpoint's codes and scales")
+    if unfolded:
+        notes.append(f"{unfolded} layer(s) had a preceding multiplication folded into their weights by the converter; "
+                     "it is a MUL in front of them again, so their weights are the checkpoint's")
     if raised:
         notes.append(f"{raised} block scale(s) that are zero or subnormal in float16 raised to 2^-14 "
                      "(XNNPACK refuses them)")
@@ -187,7 +197,7 @@ def export_tflite(src: Path, out: Path, config: TFLiteExport, overwrite: bool = 
         raise SqueezeError(f"{str(src)!r} is neither a causal LM nor an encoder; export plain modules with "
                            "squeeze.exporters.tflite.export_module")
     refuse_nonfinite(nonfinite_tensors(model.state_dict().items()), str(src))
-    seq_len = token_length(model, config.seq_len)
+    seq_len = token_length(model, kind, config.seq_len)
     reference = load(src, "float32").eval() if config.verify else None
     weights, floats, kept = float_twins(model)
     eager_attention(model)

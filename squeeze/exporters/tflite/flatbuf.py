@@ -247,3 +247,46 @@ def set_fc_option(model, where: list[tuple[int, int]], asymmetric_inputs: bool) 
             if op_name(model, op) == FC and len(op.inputs) > 1 and (s, int(op.inputs[1])) in targets:
                 if op.builtinOptions is not None and hasattr(op.builtinOptions, "asymmetricQuantizeInputs"):
                     op.builtinOptions.asymmetricQuantizeInputs = asymmetric_inputs
+
+
+def find_column_scaled(model, found: dict[str, list[tuple[int, int]]], weight: np.ndarray
+                       ) -> tuple[str, np.ndarray] | None:
+    """The FULLY_CONNECTED weight the converter made of ``weight`` by folding a preceding multiplication into
+    it (W' = W * c per input column: a LayerNorm's gamma), as (its key in ``found``, c); None if none is."""
+    w = np.asarray(weight, dtype=np.float32)
+    pick = np.abs(w).argmax(0)  # per column, the row where the column is largest
+    pivot = w[pick, np.arange(w.shape[1])]
+    for key, where in found.items():
+        tensor = model.subgraphs[where[0][0]].tensors[where[0][1]]
+        if tuple(tensor.shape) != w.shape:
+            continue
+        folded = np.frombuffer(_buffer_bytes(model, tensor), dtype=np.float32).reshape(w.shape)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c = np.where(pivot != 0, folded[pick, np.arange(w.shape[1])] / pivot, np.float32(1)).astype(np.float32)
+        # the converter computed fl(W * gamma); c is gamma to within rounding: agree to a few ulps everywhere
+        if np.all(np.abs(w * c - folded) <= 4 * np.spacing(np.abs(folded).astype(np.float32)) + 1e-30):
+            return key, c
+    return None
+
+
+def scale_input(model, where: list[tuple[int, int]], c: np.ndarray) -> None:
+    """Undo a fold: a MUL by ``c`` (per input column) in front of each FULLY_CONNECTED reading ``where``, so
+    its weight can hold the unscaled layer."""
+    fb = schema()
+    code = _opcode(model, fb.BuiltinOperator.MUL)
+    buffer = _add_buffer(model, np.asarray(c, dtype=np.float32))
+    for s, t in where:
+        sg = model.subgraphs[s]
+        for pos in [i for i, op in enumerate(sg.operators)
+                    if op_name(model, op) == FC and len(op.inputs) > 1 and int(op.inputs[1]) == t][::-1]:
+            fc = sg.operators[pos]
+            x = sg.tensors[int(fc.inputs[0])]
+            scale = _add_tensor(sg, sg.tensors[t].name + b".input_scale", fb.TensorType.FLOAT32, [len(c)], buffer)
+            out = _add_tensor(sg, x.name + b".scaled", fb.TensorType.FLOAT32, x.shape, 0)
+            mul = fb.OperatorT()
+            mul.opcodeIndex = code
+            mul.inputs, mul.outputs = np.asarray([int(fc.inputs[0]), scale], np.int32), np.asarray([out], np.int32)
+            mul.builtinOptionsType = fb.BuiltinOptions.MulOptions
+            mul.builtinOptions = fb.MulOptionsT()
+            fc.inputs = np.asarray([out, *[int(i) for i in fc.inputs[1:]]], np.int32)
+            sg.operators.insert(pos, mul)
