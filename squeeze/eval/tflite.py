@@ -75,14 +75,36 @@ class TFLiteRuntime:
         source = metadata.get("source")
         return cls(interpreter, path, metadata, _tokenizer_for(path, {"squeeze.source": source} if source else {}))
 
-    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """The default signature on ``arrays`` (in input order); its outputs in output order."""
-        feeds = {}
-        for name, array in zip(self.inputs, arrays):
-            dtype = self.input_details[name]["dtype"]
-            feeds[name] = np.asarray(array).astype(dtype, copy=False)
-        out = self.runner(**feeds)
-        return [out[k] for k in sorted(out, key=_arg_index)]
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.inputs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The default signature on ``feeds`` (by input name); outputs by name, in output order. The file's
+        batch size is fixed: a larger batch runs in slices of it (the last one padded), as onnxruntime would
+        take it whole."""
+        batch = {int(self.input_details[n]["shape"][0]) for n in self.inputs if len(self.input_details[n]["shape"])}
+        n = len(next(iter(feeds.values())))
+        size = batch.pop() if len(batch) == 1 else n
+        if size == n:
+            return self._invoke(feeds)
+        parts = []
+        for start in range(0, n, size):
+            chunk = {k: np.asarray(v)[start:start + size] for k, v in feeds.items()}
+            short = size - len(next(iter(chunk.values())))
+            if short:
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in chunk.items()}
+            out = self._invoke(chunk)
+            parts.append({k: v[:size - short] for k, v in out.items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _invoke(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.runner(**{name: np.asarray(feeds[name]).astype(self.input_details[name]["dtype"], copy=False)
+                             for name in self.inputs})
+        return {k: out[k] for k in sorted(out, key=_arg_index)}
+
+    def _first(self, *arrays: np.ndarray) -> np.ndarray:
+        return next(iter(self._invoke(dict(zip(self.inputs, arrays))).values()))
 
     def _windows(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.seq_len is None:
@@ -96,14 +118,14 @@ class TFLiteRuntime:
         if self.kind != "causal-lm":
             raise SqueezeError(f"{self.path.name} is an {self.kind} graph without logits; perplexity needs a causal LM")
         n = input_ids.shape[1]
-        rows = [self.run([self._windows(row[None]).numpy()])[0][:, :n] for row in input_ids]
+        rows = [self._first(self._windows(row[None]).numpy())[:, :n] for row in input_ids]
         return torch.from_numpy(np.concatenate(rows).astype(np.float32, copy=False))
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """An encoder's last hidden state for each row (padding masked)."""
         n = input_ids.shape[1]
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        rows = [self.run([self._windows(ids[None]).numpy(), self._windows(m[None]).numpy()])[0][:, :n]
+        rows = [self._first(self._windows(ids[None]).numpy(), self._windows(m[None]).numpy())[:, :n]
                 for ids, m in zip(input_ids, mask)]
         return torch.from_numpy(np.concatenate(rows).astype(np.float32, copy=False))
 

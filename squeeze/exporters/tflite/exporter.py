@@ -296,7 +296,7 @@ class ModuleCheck:
         from squeeze.exporters.onnx.verify import compare
 
         runtime = TFLiteRuntime.from_path(path)
-        got = runtime.run([a.detach().numpy() for a in self.args])
+        got = list(runtime.run({n: a.detach().numpy() for n, a in zip(runtime.input_names, self.args)}).values())
         with torch.no_grad():
             ref = reference(*self.args)
         refs = list(ref) if isinstance(ref, (tuple, list)) else [ref]
