@@ -103,7 +103,7 @@ class TFLiteRuntime:
                              for name in self.inputs})
         return {k: out[k] for k in sorted(out, key=_arg_index)}
 
-    def _first(self, *arrays: np.ndarray) -> np.ndarray:
+    def first_output(self, *arrays: np.ndarray) -> np.ndarray:
         return next(iter(self._invoke(dict(zip(self.inputs, arrays))).values()))
 
     def _windows(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -118,14 +118,14 @@ class TFLiteRuntime:
         if self.kind != "causal-lm":
             raise SqueezeError(f"{self.path.name} is an {self.kind} graph without logits; perplexity needs a causal LM")
         n = input_ids.shape[1]
-        rows = [self._first(self._windows(row[None]).numpy())[:, :n] for row in input_ids]
+        rows = [self.first_output(self._windows(row[None]).numpy())[:, :n] for row in input_ids]
         return torch.from_numpy(np.concatenate(rows).astype(np.float32, copy=False))
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """An encoder's last hidden state for each row (padding masked)."""
         n = input_ids.shape[1]
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        rows = [self._first(self._windows(ids[None]).numpy(), self._windows(m[None]).numpy())[:, :n]
+        rows = [self.first_output(self._windows(ids[None]).numpy(), self._windows(m[None]).numpy())[:, :n]
                 for ids, m in zip(input_ids, mask)]
         return torch.from_numpy(np.concatenate(rows).astype(np.float32, copy=False))
 

@@ -1,0 +1,172 @@
+"""Reproduce reports/tflite.md: squeeze's TFLite files against ai-edge-quantizer's, in the LiteRT interpreter.
+
+    python bench/tflite.py              # stories260K (minutes on 2 CPU cores)
+    python bench/tflite.py --smollm2    # also SmolLM2-135M (WikiText-2 test, first 300 lines)
+    python bench/tflite.py --fresh      # measure again instead of reusing finished cells
+
+For each model: the float model exported by squeeze (fp32); squeeze's GPTQ checkpoints exported with their
+own codes (int8 per channel, weight-only and dynamic-range; int4 blockwise); and the peer, ai-edge-quantizer,
+applied to the same fp32 .tflite with its recipes dynamic_wi8_afp32, dynamic int4 blockwise-32
+(the issue's dynamic_wi4b32_afp32) and static_wi8_ai8 calibrated on the same windows GPTQ saw. Every file is
+scored by `squeeze eval` in LiteRT (perplexity, windows of the file's length) and timed there: median seconds
+of one window, interleaved round by round in one run (ratios, since this machine is noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from bench.models import cache_dir, smollm2_dir, wikitext_lines  # noqa: E402
+from bench.smollm2 import Cells  # noqa: E402
+from squeeze import api  # noqa: E402
+from squeeze.calib import CalibConfig, load_calibration  # noqa: E402
+from squeeze.resources import DEFAULT_MODEL, default_eval_text  # noqa: E402
+
+ROUNDS = 5
+# model -> (directory, eval text, window, GPTQ calibration, int4 scheme)
+MODELS = {
+    "stories260K": (lambda: DEFAULT_MODEL, default_eval_text, 256, CalibConfig(nsamples=128, seqlen=256), "w4g32"),
+    "SmolLM2-135M": (smollm2_dir, lambda: wikitext_lines(300), 512, CalibConfig(nsamples=128, seqlen=512), "w4g32"),
+}
+
+
+def peer_file(fp32: Path, out: Path, recipe: str, calib_windows: np.ndarray | None) -> Path:
+    """ai-edge-quantizer's recipe applied to squeeze's fp32 file (the squeeze metadata copied over)."""
+    from ai_edge_quantizer import qtyping, quantizer, recipe_manager
+    from ai_edge_quantizer import recipe as recipes
+
+    from squeeze.eval.tflite import read_metadata
+    from squeeze.exporters.tflite.exporter import add_metadata
+
+    qt = quantizer.Quantizer(str(fp32))
+    if recipe == "dynamic_wi8_afp32":
+        qt.load_quantization_recipe(recipes.dynamic_wi8_afp32())
+    elif recipe == "dynamic_wi4b32_afp32":
+        manager = recipe_manager.RecipeManager()
+        manager.add_dynamic_config(regex=".*", operation_name=qtyping.TFLOperationName.FULLY_CONNECTED, num_bits=4,
+                                   granularity=qtyping.QuantGranularity.BLOCKWISE_32)
+        qt.load_quantization_recipe(manager.get_quantization_recipe())
+    elif recipe == "static_wi8_ai8":
+        qt.load_quantization_recipe(recipes.static_wi8_ai8())
+    else:
+        raise ValueError(recipe)
+    result = None
+    if qt.need_calibration:
+        data = {"serving_default": [{"args_0": w[None].astype(np.int32)} for w in calib_windows]}
+        result = qt.calibrate(data)
+    qt.quantize(result).export_model(str(out), overwrite=True)
+    out.write_bytes(add_metadata(out.read_bytes(), read_metadata(fp32)))
+    return out
+
+
+def window_seconds(paths: dict[str, Path], seq_len: int) -> dict[str, float]:
+    """Median seconds of one full window per file, interleaved round by round."""
+    from squeeze.eval.tflite import TFLiteRuntime
+
+    runtimes = {name: TFLiteRuntime.from_path(p) for name, p in paths.items()}
+    ids = np.random.default_rng(0).integers(0, 100, (1, seq_len))
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    for rt in runtimes.values():  # warm-up
+        rt.first_output(ids)
+    for _ in range(ROUNDS):
+        for name, rt in runtimes.items():
+            start = time.perf_counter()
+            rt.first_output(ids)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def model_cells(name: str, work: Path, fresh: bool) -> list[dict]:
+    from squeeze.model import load_tokenizer
+    from squeeze.passes.gptq import GPTQ
+    from squeeze.scheme import get_scheme
+
+    directory, text_fn, seq_len, calib, int4 = MODELS[name]
+    src, text = directory(), text_fn()
+    store = Cells(work / name, fresh)  # creates work/name
+    ppl = lambda path: api.evaluate(path, text, ctx=seq_len, progress=False).ppl  # noqa: E731
+
+    def export(label: str, model: Path, **options) -> dict:
+        art = api.export(model, "tflite", work / name / f"{label}.tflite", overwrite=True, seq_len=seq_len,
+                         **options)
+        return {"path": str(art.path), "bytes": art.size_bytes, "ppl": ppl(art.path), "notes": art.notes}
+
+    rows = [store.get("torch fp32", lambda: {"ppl": ppl(src), "bytes": None})]
+    rows[-1]["name"] = "torch fp32"
+    cells = [("squeeze fp32", lambda: export("fp32", src))]
+    ckpts = {}
+    for scheme in ("w8", int4):
+        def gptq(scheme=scheme):
+            out = work / name / f"gptq-{scheme}"
+            if not (out / "squeeze.json").exists():
+                api.quantize_dir(src, out, GPTQ(scheme=get_scheme(scheme)), calib, overwrite=True)
+            return out
+        ckpts[scheme] = gptq
+    cells += [("torch gptq w8", lambda: {"ppl": ppl(ckpts["w8"]()), "bytes": None}),
+              ("squeeze gptq w8 weight-only", lambda: export("gptq-w8", ckpts["w8"]())),
+              ("squeeze gptq w8 dynamic-range", lambda: export("gptq-w8-dr", ckpts["w8"](), dynamic_range=True)),
+              (f"torch gptq {int4}", lambda: {"ppl": ppl(ckpts[int4]()), "bytes": None}),
+              (f"squeeze gptq {int4}", lambda: export(f"gptq-{int4}", ckpts[int4]()))]
+    for label, fn in cells:
+        row = store.get(label, fn)
+        row["name"] = label
+        rows.append(row)
+    fp32 = Path(next(r for r in rows if r["name"] == "squeeze fp32")["path"])
+    windows = load_calibration(load_tokenizer(src), CalibConfig(nsamples=32, seqlen=seq_len)).input_ids.numpy()
+    for recipe in ("dynamic_wi8_afp32", "dynamic_wi4b32_afp32", "static_wi8_ai8"):
+        def peer(recipe=recipe):
+            path = peer_file(fp32, work / name / f"aeq-{recipe}.tflite", recipe, windows)
+            return {"path": str(path), "bytes": path.stat().st_size, "ppl": ppl(path)}
+        row = store.get(f"ai-edge-quantizer {recipe}", peer)
+        row["name"] = f"ai-edge-quantizer {recipe}"
+        rows.append(row)
+    files = {r["name"]: Path(r["path"]) for r in rows if r.get("path")}
+    timing = window_seconds(files, seq_len)
+    for r in rows:
+        r["window_s"] = timing.get(r["name"])
+    return rows
+
+
+def report(tables: dict[str, list[dict]]) -> str:
+    lines = ["# TFLite / LiteRT export (issue 15)", "",
+             "Made by `python bench/tflite.py` (`--smollm2` for SmolLM2). Perplexity by `squeeze eval` in the LiteRT "
+             "interpreter (ai-edge-litert, XNNPACK, 2 threads) on windows of the file's length; torch rows are the "
+             "same weights in torch. Window = median seconds of one full window in LiteRT, interleaved rounds; "
+             "x fp32 = that time over squeeze's fp32 file's, in the same run.", ""]
+    for name, rows in tables.items():
+        base = next((r["window_s"] for r in rows if r["name"] == "squeeze fp32"), None)
+        lines += [f"## {name}", "", "| file | ppl | bytes | window s | x fp32 |", "|---|---|---|---|---|"]
+        for r in rows:
+            t = r.get("window_s")
+            lines.append(f"| {r['name']} | {r['ppl']:.4f} | {r['bytes'] or '-'} | {f'{t:.4f}' if t else '-'} | "
+                         f"{f'{t / base:.2f}' if t and base else '-'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smollm2", action="store_true")
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "tflite.md")
+    args = parser.parse_args()
+    work = cache_dir() / "bench-tflite"
+    tables = {"stories260K": model_cells("stories260K", work, args.fresh)}
+    if args.smollm2:
+        tables["SmolLM2-135M"] = model_cells("SmolLM2-135M", work, args.fresh)
+    args.out.write_text(report(tables))
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
