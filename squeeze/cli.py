@@ -600,9 +600,21 @@ def _launch_workers(workers: int, argv: list[str]) -> int:
     return subprocess.run(cmd).returncode
 
 
+def quiet_third_party_logs() -> None:
+    """The command line prints squeeze's lines, not the start-up chatter of optional runtimes: TensorFlow Lite's
+    C++ log (oneDNN notices), torchao's missing-CUDA-kernel notices and torch's pytree deprecations (both appear
+    once litert-torch has installed torchao). Their warnings and errors still show."""
+    import logging
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    for name in ("torchao", "torch.utils._pytree", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning bad input into one line and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_third_party_logs()
     try:
         rc = cli.main(args=argv, prog_name="squeeze", standalone_mode=False, obj={"argv": argv})
     except SqueezeError as e:

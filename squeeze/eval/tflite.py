@@ -61,17 +61,21 @@ class TFLiteRuntime:
         from squeeze.eval.onnxruntime import _tokenizer_for
         from squeeze.optional import require
 
-        require("ai_edge_litert", "tflite")
-        from ai_edge_litert.interpreter import Interpreter
+        from squeeze.optional import native_output_kept_back
 
         path = Path(path)
         if path.suffix.lower() != ".tflite" or not path.is_file():
             raise SqueezeError(f"{str(path)!r} is not a .tflite file")
-        metadata = read_metadata(path)
-        try:
-            interpreter = Interpreter(model_path=str(path), num_threads=threads)
-        except (ValueError, RuntimeError) as e:
-            raise SqueezeError(f"LiteRT cannot load {path.name}: {str(e).splitlines()[0]}") from None
+        with native_output_kept_back():  # the runtime's start-up INFO lines
+            require("ai_edge_litert", "tflite")
+            from ai_edge_litert.interpreter import Interpreter
+
+            metadata = read_metadata(path)
+            try:
+                interpreter = Interpreter(model_path=str(path), num_threads=threads)
+                interpreter.allocate_tensors()  # XNNPACK takes the graph here (and says so)
+            except (ValueError, RuntimeError) as e:
+                raise SqueezeError(f"LiteRT cannot load {path.name}: {str(e).splitlines()[0]}") from None
         source = metadata.get("source")
         return cls(interpreter, path, metadata, _tokenizer_for(path, {"squeeze.source": source} if source else {}))
 

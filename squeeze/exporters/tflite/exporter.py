@@ -56,10 +56,11 @@ class TFLiteExport:
 
 
 def require_litert() -> None:
-    from squeeze.optional import require
+    from squeeze.optional import native_output_kept_back, require
 
-    require("litert_torch", "tflite")
-    require("ai_edge_litert", "tflite")
+    with native_output_kept_back():  # their import-time notices
+        require("litert_torch", "tflite")
+        require("ai_edge_litert", "tflite")
 
 
 class _Logits(nn.Module):
@@ -104,12 +105,12 @@ def eager_attention(model: nn.Module) -> None:
 
 
 def convert(module: nn.Module, args: tuple) -> bytes:
-    import logging
+    """litert-torch's conversion of ``module`` at ``args``' shapes (its progress and notices held back)."""
+    from squeeze.optional import native_output_kept_back
 
-    import litert_torch
+    with native_output_kept_back(), torch.no_grad():
+        import litert_torch
 
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    with torch.no_grad():
         return bytes(litert_torch.convert(module.eval(), args).model_content())
 
 
