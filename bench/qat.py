@@ -187,7 +187,18 @@ def report(stories: list[dict], smollm2: list[dict] | None) -> str:
     lines += ["", "q2_k: no stories260K layer can take it (its rows of 64 and 172 weights do not split into "
               "Q2_K's 256-weight super-blocks; llama.cpp falls back to another type for every one of them)."]
     if smollm2:
-        lines += ["", "## SmolLM2-135M", "", "| model | ppl | recovered | train tokens | train s | decode x dense |",
+        t = SMOLLM2_TRAIN
+        lines += ["", "## SmolLM2-135M", "",
+                  f"WikiText-2 test (first {EVAL_LINES} lines), windows of {CTX}. Training data: "
+                  f"{SMOLLM2_CALIB.nsamples} windows of {SMOLLM2_CALIB.seqlen} tokens sampled from SmolLM2 itself "
+                  "(temperature 1; GPTQ calibrated on the same windows), 8 held out; "
+                  f"{t['steps']} steps of {t['batch_size']} x {t['grad_accum']} windows, {t['precision']} autocast, "
+                  f"on 2 CPU cores. QAT starts from the GPTQ row's checkpoint (float parameters lr {t['lr']:g}, "
+                  "quantized weights 0.02 grid steps); distillation: every block parameter at lr 1e-4, teacher = "
+                  "the dense model. The pruned model is bench/structured.py's (25% of FFN channels by calibration "
+                  "activations on the bundled stories). Decode: llama.cpp Q8_0, 64 new tokens, medians of 5 "
+                  "interleaved rounds against the dense model in one run.", "",
+                  "| model | ppl | recovered | train tokens | train s | decode x dense |",
                   "|---|---|---|---|---|---|"]
         for r in smollm2:
             rec = "-"
