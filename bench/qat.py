@@ -115,6 +115,14 @@ def smollm2_cells(work: Path, fresh: bool) -> list[dict]:
         api.quantize_dir(pruned, out, config, SMOLLM2_CALIB, overwrite=True)
         return {"name": "ffn 0.75 distilled", "ppl": ppl(out), **_training(out), **decode_ratio(work, dense, out)}
     rows.append(store.get("ffn0.75-distill", distill))
+    dirs = {f"gptq {SMOLLM2_SCHEME}": work / f"smollm2-gptq-{SMOLLM2_SCHEME}",
+            f"qat {SMOLLM2_SCHEME}": work / f"smollm2-qat-{SMOLLM2_SCHEME}", "ffn 0.75": pruned,
+            "ffn 0.75 distilled": work / "smollm2-ffn0.75-distilled"}
+    for row in rows:  # closeness to the fp32 model on the same text, beside perplexity
+        if row["name"] in dirs and "kld" not in row:
+            res = api.eval_report(dirs[row["name"]], text, reference=dense, ctx=CTX, progress=False)
+            row.update(kld=res["kld"], top1=res["top1_agreement"])
+            (store.dir / f"{row['cell']}.json").write_text(json.dumps(row, indent=2))
     return rows
 
 
@@ -198,8 +206,8 @@ def report(stories: list[dict], smollm2: list[dict] | None) -> str:
                   "the dense model. The pruned model is bench/structured.py's (25% of FFN channels by calibration "
                   "activations on the bundled stories). Decode: llama.cpp Q8_0, 64 new tokens, medians of 5 "
                   "interleaved rounds against the dense model in one run.", "",
-                  "| model | ppl | recovered | train tokens | train s | decode x dense |",
-                  "|---|---|---|---|---|---|"]
+                  "| model | ppl | recovered | KLD vs fp32 | top-1 vs fp32 | train tokens | train s | decode x dense |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in smollm2:
             rec = "-"
             if r["name"].startswith("qat"):
@@ -207,7 +215,9 @@ def report(stories: list[dict], smollm2: list[dict] | None) -> str:
             elif r["name"] == "ffn 0.75 distilled":
                 rec = recovered(smollm2, r["name"], "ffn 0.75")
             ratio = f"{r['decode_ratio']:.2f}" if "decode_ratio" in r else "-"
-            lines.append(f"| {r['name']} | {r['ppl']:.2f} | {rec} | {r.get('train_tokens', '-')} "
+            kld = f"{r['kld']:.3f}" if "kld" in r else "-"
+            top1 = f"{r['top1']:.1%}" if "top1" in r else "-"
+            lines.append(f"| {r['name']} | {r['ppl']:.2f} | {rec} | {kld} | {top1} | {r.get('train_tokens', '-')} "
                          f"| {r.get('train_seconds', '-')} | {ratio} |")
     return "\n".join(lines) + "\n"
 
