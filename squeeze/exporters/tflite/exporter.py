@@ -147,7 +147,7 @@ def place_weights(raw: bytes, weights: dict[str, flatbuf.IntWeight], floats: dic
     if config.qtype == "fp16":
         for where in found.values():  # the float FULLY_CONNECTED weights left
             first = model.subgraphs[where[0][0]].tensors[where[0][1]]
-            values = np.frombuffer(flatbuf._buffer_bytes(model, first), dtype=np.float32)
+            values = np.frombuffer(flatbuf.buffer_bytes(model, first), dtype=np.float32)
             flatbuf.place_float16(model, where, values)
             flatbuf.dequantize_in_front(model, where)
         notes.append(f"{len(found)} float FULLY_CONNECTED weight(s) stored as float16")
@@ -167,7 +167,7 @@ def add_metadata(raw: bytes, meta: dict) -> bytes:
     fb = flatbuf.schema()
     entry = fb.MetadataT()
     entry.name = METADATA_KEY.encode()
-    entry.buffer = flatbuf._add_buffer(model, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    entry.buffer = flatbuf.add_buffer(model, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     model.metadata = [m for m in (model.metadata or []) if m.name != entry.name] + [entry]
     return flatbuf.write(model)
 

@@ -58,7 +58,7 @@ def content_key(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).tobytes()).hexdigest()
 
 
-def _buffer_bytes(model, tensor) -> bytes | None:
+def buffer_bytes(model, tensor) -> bytes | None:
     if not tensor.buffer or tensor.buffer >= len(model.buffers):
         return None
     data = model.buffers[tensor.buffer].data
@@ -74,7 +74,7 @@ def fc_weights(model) -> dict[str, list[tuple[int, int]]]:
             if op_name(model, op) != FC or len(op.inputs) < 2 or op.inputs[1] < 0:
                 continue
             tensor = sg.tensors[op.inputs[1]]
-            data = _buffer_bytes(model, tensor) if tensor.type == float32 else None
+            data = buffer_bytes(model, tensor) if tensor.type == float32 else None
             if data is not None:
                 key = hashlib.sha256(data).hexdigest()
                 if (s, op.inputs[1]) not in found.get(key, []):
@@ -96,7 +96,7 @@ class IntWeight:
         return self.levels.shape[1] // self.scales.shape[1]
 
 
-def _add_buffer(model, data: np.ndarray) -> int:
+def add_buffer(model, data: np.ndarray) -> int:
     buf = schema().BufferT()
     buf.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.uint8)
     model.buffers.append(buf)
@@ -145,7 +145,7 @@ def place_int_weight(model, where: list[tuple[int, int]], weight: IntWeight) -> 
     # int4 is always blockwise (a per-channel int4 layer: one block per row): TFLite's builtin hybrid kernels
     # compute per-channel int4 wrongly (measured, ai-edge-litert 2.3), its blockwise path is right
     blockwise = weight.bits == 4 or weight.scales.shape[1] > 1
-    scale_buffer = _add_buffer(model, weight.scales.astype(np.float16)) if blockwise else None
+    scale_buffer = add_buffer(model, weight.scales.astype(np.float16)) if blockwise else None
     for s, t in where:
         sg = model.subgraphs[s]
         tensor = sg.tensors[t]
@@ -217,7 +217,7 @@ def read_int_weights(model) -> dict[str, IntWeight]:
         for tensor in sg.tensors:
             if tensor.type not in (fb.TensorType.INT8, fb.TensorType.INT4) or tensor.quantization is None:
                 continue
-            raw = _buffer_bytes(model, tensor)
+            raw = buffer_bytes(model, tensor)
             if raw is None:
                 continue
             rows, cols = int(tensor.shape[0]), int(np.prod(tensor.shape[1:]))
@@ -229,7 +229,7 @@ def read_int_weights(model) -> dict[str, IntWeight]:
             q = tensor.quantization
             if q.detailsType == fb.QuantizationDetails.BlockwiseQuantization:
                 scale_tensor = sg.tensors[q.details.scales]
-                scales = np.frombuffer(_buffer_bytes(model, scale_tensor), dtype=np.float16).reshape(
+                scales = np.frombuffer(buffer_bytes(model, scale_tensor), dtype=np.float16).reshape(
                     rows, cols // q.details.blockSize)
             elif q.scale is not None and len(q.scale) == rows:
                 scales = np.asarray(q.scale, dtype=np.float32).astype(np.float16)[:, None]
@@ -241,7 +241,7 @@ def read_int_weights(model) -> dict[str, IntWeight]:
 
 def set_fc_option(model, where: list[tuple[int, int]], asymmetric_inputs: bool) -> None:
     """The FULLY_CONNECTED ops reading ``where``: quantize their float inputs asymmetrically (per row) at run time."""
-    targets = {(s, t) for s, t in where}
+    targets = set(where)
     for s, sg in enumerate(model.subgraphs):
         for op in sg.operators:
             if op_name(model, op) == FC and len(op.inputs) > 1 and (s, int(op.inputs[1])) in targets:
@@ -260,7 +260,7 @@ def find_column_scaled(model, found: dict[str, list[tuple[int, int]]], weight: n
         tensor = model.subgraphs[where[0][0]].tensors[where[0][1]]
         if tuple(tensor.shape) != w.shape:
             continue
-        folded = np.frombuffer(_buffer_bytes(model, tensor), dtype=np.float32).reshape(w.shape)
+        folded = np.frombuffer(buffer_bytes(model, tensor), dtype=np.float32).reshape(w.shape)
         with np.errstate(divide="ignore", invalid="ignore"):
             c = np.where(pivot != 0, folded[pick, np.arange(w.shape[1])] / pivot, np.float32(1)).astype(np.float32)
         # the converter computed fl(W * gamma); c is gamma to within rounding: agree to a few ulps everywhere
@@ -274,7 +274,7 @@ def scale_input(model, where: list[tuple[int, int]], c: np.ndarray) -> None:
     its weight can hold the unscaled layer."""
     fb = schema()
     code = _opcode(model, fb.BuiltinOperator.MUL)
-    buffer = _add_buffer(model, np.asarray(c, dtype=np.float32))
+    buffer = add_buffer(model, np.asarray(c, dtype=np.float32))
     for s, t in where:
         sg = model.subgraphs[s]
         for pos in [i for i, op in enumerate(sg.operators)
