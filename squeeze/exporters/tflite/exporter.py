@@ -114,10 +114,10 @@ def convert(module: nn.Module, args: tuple) -> bytes:
         return bytes(litert_torch.convert(module.eval(), args).model_content())
 
 
-def place_weights(raw: bytes, weights: dict[str, flatbuf.IntWeight], floats: dict[str, np.ndarray],
-                  config: TFLiteExport) -> tuple[bytes, list[str]]:
-    """Put the checkpoint's codes (and, at fp16, the float weights) into the converted graph."""
-    model = flatbuf.read(raw)
+def place_weights(model, weights: dict[str, flatbuf.IntWeight], floats: dict[str, np.ndarray],
+                  config: TFLiteExport) -> list[str]:
+    """Put the checkpoint's codes (and, at fp16, the float weights) into the converted graph ``model`` (ModelT,
+    in place); returns the notes."""
     found = flatbuf.fc_weights(model)
     notes, raised, unfolded = [], 0, 0
     kinds: dict[str, int] = {}
@@ -159,16 +159,21 @@ def place_weights(raw: bytes, weights: dict[str, flatbuf.IntWeight], floats: dic
     if raised:
         notes.append(f"{raised} block scale(s) that are zero or subnormal in float16 raised to 2^-14 "
                      "(XNNPACK refuses them)")
-    return flatbuf.write(model), notes
+    return notes
 
 
-def add_metadata(raw: bytes, meta: dict) -> bytes:
-    model = flatbuf.read(raw)
+def set_metadata(model, meta: dict) -> None:
+    """squeeze's metadata entry (JSON) on the graph ``model`` (ModelT), replacing an older one."""
     fb = flatbuf.schema()
     entry = fb.MetadataT()
     entry.name = METADATA_KEY.encode()
     entry.buffer = flatbuf.add_buffer(model, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     model.metadata = [m for m in (model.metadata or []) if m.name != entry.name] + [entry]
+
+
+def add_metadata(raw: bytes, meta: dict) -> bytes:
+    model = flatbuf.read(raw)
+    set_metadata(model, meta)
     return flatbuf.write(model)
 
 
@@ -232,15 +237,16 @@ def export_module(module: nn.Module, example_inputs, out: str | Path, config: TF
 def _write(module, args, weights, floats, kept, out, config, overwrite, meta, check, reference) -> Artifact:
     from squeeze.fsutil import scratch_dir
 
-    raw = convert(module, args)
-    raw, notes = place_weights(raw, weights, floats, config)
+    graph = flatbuf.read(convert(module, args))
+    notes = place_weights(graph, weights, floats, config)
     if kept:
         reasons = sorted(set(kept.values()))
         notes.append(f"{len(kept)} layer(s) written as float32 (the exact values of their codes), TFLite cannot "
                      f"hold them as integers: {'; '.join(reasons)}")
     precision = _precision(weights, config)
-    raw = add_metadata(raw, {**meta, "precision": precision})
-    check_codes(raw, weights)
+    set_metadata(graph, {**meta, "precision": precision})
+    raw = flatbuf.write(graph)
+    check_codes(raw, weights)  # read back from the serialized bytes
     record = None
     with scratch_dir(out.parent, out.name) as tmp_dir:
         final = tmp_dir / out.name
