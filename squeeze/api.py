@@ -89,12 +89,12 @@ def teacher_targets(recipe, calib: CalibrationSet | None, model: nn.Module | Non
             teacher_id = own_id
         else:
             teacher_id = source_hash(validate_source(p.teacher))
-        top_k, layers = p.target_spec()
-        root, key = work_dir(p) / "teacher", targets_key(teacher_id, calib.input_ids, top_k, layers)
+        top_k, layers, temperature = p.target_spec()
+        root, key = work_dir(p) / "teacher", targets_key(teacher_id, calib.input_ids, top_k, layers, temperature)
         found = open_targets(root, key)
         if found is None:
             teacher = model if p.teacher is None else load(p.teacher)
-            found = compute_targets(teacher, calib.input_ids, root, key, top_k, layers)
+            found = compute_targets(teacher, calib.input_ids, root, key, top_k, layers, temperature)
             del teacher
         out[i] = found
     return out

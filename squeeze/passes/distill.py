@@ -84,9 +84,9 @@ class TrainingOptions(TrainConfig):
         every = max(1, self.steps // 10) if self.eval_every is None else self.eval_every
         return TrainConfig(**{k: getattr(self, k) for k in names}, eval_every=every)
 
-    def target_spec(self) -> tuple[int, tuple[int, ...]]:
-        """What the teacher must provide: (top-k, hidden-state layers)."""
-        return self.top_k, tuple(self.hidden_layers) if self.hidden_weight > 0 else ()
+    def target_spec(self) -> tuple[int, tuple[int, ...], float]:
+        """What the teacher must provide: (top-k, hidden-state layers, the temperature of the tail bin)."""
+        return self.top_k, tuple(self.hidden_layers) if self.hidden_weight > 0 else (), self.temperature
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,9 @@ def distill_model(model: nn.Module, config: TrainingOptions, calib, teacher: Tea
     ids = calib.input_ids
     if teacher.n != len(ids):
         raise SqueezeError("the teacher's targets were computed on other data than this run's")
+    if teacher.temperature != config.temperature:
+        raise SqueezeError(f"the teacher's targets were computed at temperature {teacher.temperature}, "
+                           f"this run distils at {config.temperature}")
     holdout = min(config.holdout, len(ids) // 8)  # at most an eighth of the windows is kept out
     train_rows, eval_rows = list(range(holdout, len(ids))), list(range(holdout))
     device = torch.device(config.device) if config.device else next(model.parameters()).device
@@ -183,8 +186,8 @@ def distill_model(model: nn.Module, config: TrainingOptions, calib, teacher: Tea
     def loss_on(rows: list[int]) -> tuple[torch.Tensor, int]:
         batch = ids[rows].to(device)
         out = model(batch, output_hidden_states=bool(spec_layers), use_cache=False)
-        values, indices = teacher.top(rows)
-        loss = kd_loss(out.logits, values.to(device), indices.to(device), config.temperature)
+        values, indices, tail = teacher.top(rows)
+        loss = kd_loss(out.logits, values.to(device), indices.to(device), tail.to(device), config.temperature)
         if config.ce_weight:
             loss = loss + config.ce_weight * next_token_ce(out.logits, batch)
         for layer in spec_layers:

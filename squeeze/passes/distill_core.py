@@ -5,10 +5,14 @@ optionally, its hidden states at chosen layers are written as memory-mapped arra
 by the teacher's hash, the tokens and k. Training then streams them, so teacher and student are never in
 memory together.
 
-Loss (per token, averaged): T^2 * KL(p_T || q_T) over the teacher's top-k tokens, where p_T is the
-softmax of the teacher's top-k logits at temperature T (the mass outside the top k is dropped and the rest
-renormalised) and q_T the student's full softmax at T, read at those k tokens (Hinton et al. 2015; the top-k
-form as in "sparse" logit distillation). With k = vocabulary size it is the exact KL.
+Loss (per token, averaged): T^2 * KL(p_T || q_T) on k + 1 bins: the teacher's top-k tokens, each with its
+own probability, and one bin for all other tokens together, holding the rest of the mass (Hinton et al. 2015
+for the temperature). p_T is the teacher's softmax at temperature T, q_T the student's, both over the whole
+vocabulary and then binned the same way; the teacher's share outside its top k is stored beside the top-k
+logits (one number per token). Keeping that bin matters: the truncated form (teacher's top-k renormalised,
+student read at those k tokens) is minimised by a student that moves all its mass into the top k, i.e.
+becomes over-confident and scores real text, whose tokens are often outside any top k, worse. The binned KL
+is zero for the teacher itself, never exceeds the full KL, and with k = vocabulary size it is the full KL.
 """
 
 from __future__ import annotations
@@ -25,16 +29,32 @@ import torch
 from squeeze.calib import model_fingerprint  # noqa: F401  (the teacher's identity in a targets key)
 from squeeze.errors import SqueezeError
 
-TARGETS_VERSION = 1
+TARGETS_VERSION = 2  # 2: the mass outside the top k is stored (tail.npy) at the key's temperature
 
 
-def kd_loss(student_logits: torch.Tensor, top_values: torch.Tensor, top_indices: torch.Tensor,
+def tail_logit(logits: torch.Tensor, top_indices: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log sum exp(z / T) over the tokens outside ``top_indices`` ([..., V] -> [...]; -inf when there are none):
+    the (k+1)-th logit that gives the mass outside the top k its own bin."""
+    rest = (logits.float() / temperature).scatter(-1, top_indices.long(), float("-inf"))
+    return torch.logsumexp(rest, dim=-1)
+
+
+def binned_log_probs(top_logits: torch.Tensor, tail: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of the k + 1 bins from the top-k logits (at T = 1) and the tail logit (already at T)."""
+    return torch.log_softmax(torch.cat([top_logits.float() / temperature, tail.float().unsqueeze(-1)], -1), -1)
+
+
+def kd_loss(student_logits: torch.Tensor, top_values: torch.Tensor, top_indices: torch.Tensor, tail: torch.Tensor,
             temperature: float = 1.0) -> torch.Tensor:
-    """Mean over tokens of T^2 * KL(teacher top-k || student) (module docstring); logits [..., V], top [..., k]."""
+    """Mean over tokens of T^2 * KL(teacher || student) on the teacher's top-k tokens plus one bin for the rest
+    (module docstring). ``student_logits`` [..., V]; the teacher's ``top_values`` / ``top_indices`` [..., k] and
+    ``tail`` [...] (`tail_logit` of its logits at ``temperature``)."""
     t = temperature
-    log_q = torch.log_softmax(student_logits.float() / t, dim=-1).gather(-1, top_indices.long())
-    log_p = torch.log_softmax(top_values.float() / t, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    log_p = binned_log_probs(top_values, tail, t)
+    student_top = student_logits.gather(-1, top_indices.long())
+    log_q = binned_log_probs(student_top, tail_logit(student_logits, top_indices, t), t)
+    p = log_p.exp()
+    kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)  # an empty tail bin adds nothing
     return kl.mean() * (t * t)
 
 
@@ -58,22 +78,27 @@ class TeacherTargets:
     n: int
     top_k: int
     hidden_layers: tuple[int, ...]
+    temperature: float = 1.0
 
-    def top(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def top(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k logits, their token ids and the tail logit (at ``temperature``) of the given sequences."""
         values = np.load(self.path / "top_values.npy", mmap_mode="r")
         idx = np.load(self.path / "top_indices.npy", mmap_mode="r")
-        return torch.from_numpy(np.ascontiguousarray(values[indices])), torch.from_numpy(
-            np.ascontiguousarray(idx[indices]).astype(np.int64))
+        tail = np.load(self.path / "tail.npy", mmap_mode="r")
+        return (torch.from_numpy(np.ascontiguousarray(values[indices])),
+                torch.from_numpy(np.ascontiguousarray(idx[indices]).astype(np.int64)),
+                torch.from_numpy(np.ascontiguousarray(tail[indices])))
 
     def hidden(self, layer: int, indices: list[int]) -> torch.Tensor:
         states = np.load(self.path / f"hidden_{layer}.npy", mmap_mode="r")
         return torch.from_numpy(np.ascontiguousarray(states[indices]).astype(np.float32))
 
 
-def targets_key(teacher_id: str, input_ids: torch.Tensor, top_k: int, hidden_layers: tuple[int, ...]) -> str:
+def targets_key(teacher_id: str, input_ids: torch.Tensor, top_k: int, hidden_layers: tuple[int, ...],
+                temperature: float = 1.0) -> str:
     tokens = hashlib.sha256(input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
     spec = {"teacher": teacher_id, "tokens": tokens, "shape": list(input_ids.shape), "top_k": top_k,
-            "hidden_layers": list(hidden_layers), "version": TARGETS_VERSION}
+            "hidden_layers": list(hidden_layers), "temperature": temperature, "version": TARGETS_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -83,12 +108,13 @@ def open_targets(root: Path, key: str) -> TeacherTargets | None:
     if not meta.is_file():
         return None
     m = json.loads(meta.read_text())
-    return TeacherTargets(root / key, m["n"], m["top_k"], tuple(m["hidden_layers"]))
+    return TeacherTargets(root / key, m["n"], m["top_k"], tuple(m["hidden_layers"]), m["temperature"])
 
 
 @torch.no_grad()
 def compute_targets(teacher: torch.nn.Module, input_ids: torch.Tensor, root: Path, key: str, top_k: int,
-                    hidden_layers: tuple[int, ...] = (), batch_size: int = 4, progress: bool = True) -> TeacherTargets:
+                    hidden_layers: tuple[int, ...] = (), temperature: float = 1.0, batch_size: int = 4,
+                    progress: bool = True) -> TeacherTargets:
     """Run ``teacher`` over ``input_ids`` [n, seqlen] and write its targets under ``root/key`` (atomically)."""
     from tqdm.auto import tqdm
 
@@ -100,6 +126,7 @@ def compute_targets(teacher: torch.nn.Module, input_ids: torch.Tensor, root: Pat
     tmp.mkdir(parents=True)
     values = np.lib.format.open_memmap(tmp / "top_values.npy", "w+", np.float32, (n, seqlen, k))
     indices = np.lib.format.open_memmap(tmp / "top_indices.npy", "w+", np.int32, (n, seqlen, k))
+    tails = np.lib.format.open_memmap(tmp / "tail.npy", "w+", np.float32, (n, seqlen))
     hidden = {}
     device = next(teacher.parameters()).device
     was_training = teacher.training
@@ -111,9 +138,12 @@ def compute_targets(teacher: torch.nn.Module, input_ids: torch.Tensor, root: Pat
             out = teacher(batch, output_hidden_states=bool(hidden_layers), use_cache=False)
             if hidden_layers and start == 0:
                 check_hidden_layers(hidden_layers, len(out.hidden_states) - 1)
-            top = out.logits.float().topk(k, dim=-1)
+            logits = out.logits.float()
+            top = logits.topk(k, dim=-1)
             values[start:start + len(batch)] = top.values.cpu().numpy()
             indices[start:start + len(batch)] = top.indices.to(torch.int32).cpu().numpy()
+            tails[start:start + len(batch)] = tail_logit(logits, top.indices, temperature).cpu().numpy()
+            del logits
             for layer in hidden_layers:
                 if layer not in hidden:
                     width = out.hidden_states[layer].shape[-1]
@@ -121,20 +151,20 @@ def compute_targets(teacher: torch.nn.Module, input_ids: torch.Tensor, root: Pat
                                                               (n, seqlen, width))
                 hidden[layer][start:start + len(batch)] = out.hidden_states[layer].half().cpu().numpy()
     except BaseException:
-        del values, indices, hidden
+        del values, indices, tails, hidden
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         teacher.train(was_training)
-    for array in (values, indices, *hidden.values()):
+    for array in (values, indices, tails, *hidden.values()):
         array.flush()
-    del values, indices, hidden
-    (tmp / "targets.json").write_text(json.dumps({"n": n, "seqlen": seqlen, "top_k": k,
+    del values, indices, tails, hidden
+    (tmp / "targets.json").write_text(json.dumps({"n": n, "seqlen": seqlen, "top_k": k, "temperature": temperature,
                                                   "hidden_layers": list(hidden_layers)}))
     final = root / key
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    return TeacherTargets(final, n, k, tuple(hidden_layers))
+    return TeacherTargets(final, n, k, tuple(hidden_layers), temperature)
 
 
 def check_hidden_layers(layers: tuple[int, ...], num_layers: int) -> None:
