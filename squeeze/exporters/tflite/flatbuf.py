@@ -10,10 +10,10 @@ replaced by the checkpoint's own codes and scales, never re-rounded:
   nibble first) with TFLite's BlockwiseQuantization, float16 scales [out, in / group];
 - float16: a FLOAT16 constant.
 
-``consume`` says how the FULLY_CONNECTED reads it: "dequantize" puts a DEQUANTIZE op in front (float
-arithmetic on the exact weights: weight-only), "direct" lets the kernel take the integers (TFLite's hybrid /
-dynamic-range kernels: activations quantized to int8 per row at run time). Blockwise int4 can only be
-consumed directly: TFLite's DEQUANTIZE returns zeros for it (measured, ai-edge-litert 2.3).
+How the FULLY_CONNECTED reads it: a DEQUANTIZE op in front (float arithmetic on the exact weights:
+weight-only), or directly (TFLite's hybrid / dynamic-range kernels: activations quantized to int8 per row at
+run time). Blockwise int4 can only be read directly: TFLite's DEQUANTIZE returns zeros for it (measured,
+ai-edge-litert 2.3). A layer with static int8 inputs (W8A8) is rewritten as an integer matmul, `integer_matmul`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 FC = "FULLY_CONNECTED"
-CONSUME = ("dequantize", "direct")
+BMM = "BATCH_MATMUL"
+QUANTIZE = "QUANTIZE"
 # XNNPACK rejects blockwise scales that are zero or subnormal in float16; the smallest normal one replaces them
 MIN_NORMAL_FP16 = np.float16(2.0 ** -14)
 
@@ -290,3 +291,106 @@ def scale_input(model, where: list[tuple[int, int]], c: np.ndarray) -> None:
             mul.builtinOptions = fb.MulOptionsT()
             fc.inputs = np.asarray([out, *[int(i) for i in fc.inputs[1:]]], np.int32)
             sg.operators.insert(pos, mul)
+
+
+def _op(model, builtin: int, inputs, outputs, options_type=None, options=None):
+    op = schema().OperatorT()
+    op.opcodeIndex = _opcode(model, builtin)
+    op.inputs, op.outputs = np.asarray(inputs, np.int32), np.asarray(outputs, np.int32)
+    if options is not None:
+        op.builtinOptionsType, op.builtinOptions = options_type, options
+    return op
+
+
+def _per_tensor(scale: float, zero_point: int):
+    q = schema().QuantizationParametersT()
+    q.scale, q.zeroPoint = np.asarray([scale], np.float32), np.asarray([zero_point], np.int64)
+    q.quantizedDimension = 0
+    return q
+
+
+def integer_matmul(model, where: list[tuple[int, int]], weight: IntWeight, input_scale: float,
+                   input_zero: int) -> int:
+    """Rewrite each FULLY_CONNECTED reading the int8 weight at ``where`` (placed by `place_int_weight`) as W8A8
+    with static int8 inputs: QUANTIZE (float -> int8 at ``input_scale`` / ``input_zero``, TFLite's int8 terms)
+    -> BATCH_MATMUL of int8 codes with an int32 output (the exact integer dot products; TFLite's int32-output
+    kernel multiplies the raw codes, so the input zero point comes back as a per-channel constant) -> CAST to
+    float32 -> MUL by input scale x weight scale per output channel -> ADD of the bias minus the zero point's
+    share. A FULLY_CONNECTED with int8 inputs cannot do this: its output must be int8 or int16 (int16 output
+    from int8 inputs computes zeros, measured), i.e. it needs a calibrated output range squeeze's W8A8 does not
+    have (its outputs are float). Returns the number of ops rewritten."""
+    fb = schema()
+    scales = input_scale * weight.scales[:, 0].astype(np.float64)
+    levels = weight.levels.astype(np.int64)
+    shift = input_zero * levels.sum(1) * scales  # the zero point's share of each output channel
+    mul_buffer = add_buffer(model, scales.astype(np.float32))
+    rewritten = 0
+    for s, t in where:
+        sg = model.subgraphs[s]
+        for pos in [i for i, op in enumerate(sg.operators)
+                    if op_name(model, op) == FC and len(op.inputs) > 1 and int(op.inputs[1]) == t][::-1]:
+            fc = sg.operators[pos]
+            x, y = int(fc.inputs[0]), int(fc.outputs[0])
+            bias_at = int(fc.inputs[2]) if len(fc.inputs) > 2 else -1
+            bias = np.zeros(len(scales))
+            if bias_at >= 0:
+                bias = np.frombuffer(buffer_bytes(model, sg.tensors[bias_at]), dtype=np.float32).astype(np.float64)
+            offset = (bias - shift).astype(np.float32)
+            name = sg.tensors[t].name
+            x_shape = [int(d) for d in sg.tensors[x].shape]
+            out_shape = x_shape[:-1] + [len(scales)]
+            xq = _add_tensor(sg, name + b".input_int8", fb.TensorType.INT8, x_shape, 0,
+                             _per_tensor(input_scale, input_zero))
+            acc = _add_tensor(sg, name + b".acc_int32", fb.TensorType.INT32, out_shape, 0)
+            accf = _add_tensor(sg, name + b".acc", fb.TensorType.FLOAT32, out_shape, 0)
+            mul_c = _add_tensor(sg, name + b".out_scale", fb.TensorType.FLOAT32, [len(scales)], mul_buffer)
+            same = [int(d) for d in sg.tensors[y].shape] == out_shape
+            last = y if same else _add_tensor(sg, name + b".out", fb.TensorType.FLOAT32, out_shape, 0)
+            act = getattr(fc.builtinOptions, "fusedActivationFunction", 0) if fc.builtinOptions is not None else 0
+            bmm = fb.BatchMatMulOptionsT()
+            bmm.adjX, bmm.adjY = False, True  # weight [out, in]
+            ops = [_op(model, fb.BuiltinOperator.QUANTIZE, [x], [xq]),
+                   _op(model, fb.BuiltinOperator.BATCH_MATMUL, [xq, t], [acc], fb.BuiltinOptions.BatchMatMulOptions,
+                       bmm),
+                   _op(model, fb.BuiltinOperator.CAST, [acc], [accf])]
+            mul_opt, add_opt = fb.MulOptionsT(), fb.AddOptionsT()
+            if np.any(offset):
+                scaled = _add_tensor(sg, name + b".scaled", fb.TensorType.FLOAT32, out_shape, 0)
+                add_c = _add_tensor(sg, name + b".offset", fb.TensorType.FLOAT32, [len(scales)],
+                                    add_buffer(model, offset))
+                add_opt.fusedActivationFunction = act
+                ops += [_op(model, fb.BuiltinOperator.MUL, [accf, mul_c], [scaled], fb.BuiltinOptions.MulOptions,
+                            mul_opt),
+                        _op(model, fb.BuiltinOperator.ADD, [scaled, add_c], [last], fb.BuiltinOptions.AddOptions,
+                            add_opt)]
+            else:
+                mul_opt.fusedActivationFunction = act
+                ops.append(_op(model, fb.BuiltinOperator.MUL, [accf, mul_c], [last], fb.BuiltinOptions.MulOptions,
+                               mul_opt))
+            if not same:  # the FULLY_CONNECTED flattened its batch dimensions: the same RESHAPE
+                target = [int(d) for d in sg.tensors[y].shape]
+                shape_c = _add_tensor(sg, name + b".out_shape", fb.TensorType.INT32, [len(target)],
+                                      add_buffer(model, np.asarray(target, np.int32)))
+                opt = fb.ReshapeOptionsT()
+                opt.newShape = target
+                ops.append(_op(model, fb.BuiltinOperator.RESHAPE, [last, shape_c], [y],
+                               fb.BuiltinOptions.ReshapeOptions, opt))
+            sg.operators[pos:pos + 1] = ops
+            rewritten += 1
+    return rewritten
+
+
+def read_input_quantization(model) -> dict[str, tuple[float, int]]:
+    """Static int8 inputs of the integer matmuls, by their weight's name: (scale, zero point)."""
+    out = {}
+    for sg in model.subgraphs:
+        made_by = {int(o): op for op in sg.operators for o in op.outputs}
+        for op in sg.operators:
+            if op_name(model, op) != BMM:
+                continue
+            producer = made_by.get(int(op.inputs[0]))
+            if producer is None or op_name(model, producer) != QUANTIZE:
+                continue
+            q = sg.tensors[int(op.inputs[0])].quantization
+            out[sg.tensors[int(op.inputs[1])].name.decode()] = (float(q.scale[0]), int(q.zeroPoint[0]))
+    return out

@@ -4,6 +4,11 @@ TFLite stores symmetric integer weights only (zero point 0): int8 per channel, o
 per block of input columns (BlockwiseQuantization, float16 scales). A symmetric squeeze grid maps onto that
 exactly: its codes 0..2^b-1 around the fixed zero 2^(b-1) are the signed levels code - 2^(b-1), its float16
 scales are copied. Anything else is refused in one line that names the scheme to use instead.
+
+Int8 activations (W8A8, per-channel int8 weights): static ones keep the checkpoint's calibrated per-tensor
+scale, and its uint8 zero point z as TFLite's int8 one, z - 128 (the same grid shifted: uint8 code c is int8
+code c - 128); dynamic ones (per token at run time) are TFLite's dynamic-range kernels, which quantize each
+row of the input the same way (asymmetric when the scheme is).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+
+from dataclasses import dataclass
 
 from squeeze.errors import SqueezeError
 from squeeze.exporters.tflite.flatbuf import IntWeight
@@ -22,6 +29,29 @@ class Unplaceable(SqueezeError):
     """A layer TFLite cannot hold as integers of its own and is written as float32 (the exact values of its codes)."""
 
 
+@dataclass(frozen=True)
+class InputQuant:
+    """How a W8A8 layer's input is quantized: static (``scale``, int8 ``zero_point``) or dynamic per row."""
+
+    static: bool
+    symmetric: bool
+    scale: float | None = None
+    zero_point: int = 0
+
+
+def input_quant(name: str, layer: QuantLinear) -> InputQuant | None:
+    acts = layer.scheme.activations
+    if acts is None:
+        return None
+    if acts.mode == "dynamic":
+        return InputQuant(False, acts.symmetric)
+    if layer.input_scale is None or layer.input_scale.numel() != 1:
+        raise SqueezeError(f"{name}: {layer.scheme.name} needs one calibrated input scale and the checkpoint has "
+                           f"{'none' if layer.input_scale is None else layer.input_scale.numel()}")
+    zero = 0 if layer.input_zero_point is None else int(layer.input_zero_point.reshape(-1)[0]) - 128
+    return InputQuant(True, acts.symmetric, float(layer.input_scale.float().reshape(-1)[0]), zero)
+
+
 def _symmetric_name(layer: QuantLinear) -> str:
     s = layer.scheme
     return s.name.replace("-asym", "") if "-asym" in s.name else f"w{s.bits}g{s.group_size or 32}"
@@ -30,9 +60,9 @@ def _symmetric_name(layer: QuantLinear) -> str:
 def tflite_weight(name: str, layer: QuantLinear) -> IntWeight:
     """``layer``'s codes as TFLite holds them, or a SqueezeError saying why it cannot and what to use."""
     s = layer.scheme
-    if s.activations is not None:
-        raise SqueezeError(f"{name}: {s.name} has int8 activations; the TFLite exporter writes weight-only and "
-                           "dynamic-range layers (W8A8 is not written yet): quantize without --act-bits")
+    if s.activations is not None and (s.bits != 8 or s.granularity == "group"):
+        raise SqueezeError(f"{name}: {s.name} has int8 activations with {s.bits}-bit {s.granularity} weights; "
+                           "TFLite's W8A8 takes per-channel int8 weights: quantize with w8a8")
     if layer.offsets is not None or layer.gguf_blocks is not None:
         raise SqueezeError(f"{name}: {s.name} stores block mins or quantized sub-block scales, which TFLite cannot "
                            "hold; use q4_0 or a symmetric integer scheme (w4g32, w8)")
@@ -64,17 +94,33 @@ def tflite_weight(name: str, layer: QuantLinear) -> IntWeight:
     return IntWeight(name + ".weight", levels.astype(np.int8), scales.half().numpy(), 4 if s.bits <= 4 else 8)
 
 
-def float_twins(model: nn.Module) -> tuple[dict[str, IntWeight], dict[str, np.ndarray], dict[str, str]]:
+@dataclass
+class Twins:
+    """What `float_twins` found: codes per layer, their float32 values (to find them again), the inputs of
+    W8A8 layers, and the layers kept float32 (why)."""
+
+    weights: dict[str, IntWeight]
+    floats: dict[str, np.ndarray]
+    inputs: dict[str, InputQuant]
+    kept: dict[str, str]
+
+
+def float_twins(model: nn.Module) -> Twins:
     """Replace every QuantLinear of ``model`` by an nn.Linear holding the float32 values of its codes (what the
-    converter writes, and finds again by content); returns each layer's codes and those float32 values by name,
-    and the layers TFLite cannot hold as integers (kept float32: why). Refusals come before any change."""
+    converter writes, and finds again by content). Refusals come before any change."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    weights, kept_float = {}, {}
+    weights, kept_float, inputs = {}, {}, {}
     for name, layer in layers:
         try:
             weights[name] = tflite_weight(name, layer)
         except Unplaceable as e:
+            if layer.scheme.activations is not None:  # float32 would drop its int8 inputs
+                raise SqueezeError(f"{name}: {e}; TFLite cannot hold this W8A8 layer") from None
             kept_float[name] = str(e)
+            continue
+        found = input_quant(name, layer)
+        if found is not None:
+            inputs[name] = found
     floats = {name: layer.float32_weight().numpy() for name, layer in layers}
     for name, layer in layers:
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
@@ -83,4 +129,4 @@ def float_twins(model: nn.Module) -> tuple[dict[str, IntWeight], dict[str, np.nd
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias.float())
         set_submodule(model, name, linear.eval())
-    return weights, floats, kept_float
+    return Twins(weights, floats, inputs, kept_float)
