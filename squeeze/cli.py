@@ -475,7 +475,10 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
 @click.option("--type", "qtype", default=None, help="Format-specific type (gguf: f32, f16, q8_0, q4_0, q4_k_m, ...; onnx, tflite: fp32, fp16).")
 @click.option("--requantize", is_flag=True, help="Re-round a calibrated checkpoint onto a different grid (warns).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the file in its runtime and comparing with torch.")
-@click.option("--kv-cache", is_flag=True, help="onnx/tensorrt: past key/value inputs and outputs for token-by-token decoding.")
+@click.option("--kv-cache", is_flag=True, help="onnx/tensorrt: past key/value inputs and outputs for token-by-token "
+              "decoding; tflite: also LiteRT-LM's prefill_<n> and decode signatures, the cache as inputs/outputs.")
+@click.option("--prefill-len", type=int, default=None,
+              help="tflite --kv-cache: tokens per prefill call (default: 128, at most half of --seq-len).")
 @click.option("--seq-len", type=int, default=None,
               help="tflite: the token graph's fixed length (default: the model's context, at most 512 for a "
                    "causal LM and 128 for an encoder).")
@@ -484,13 +487,14 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
                    "instead of computing in float on the exact weights.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @ALLOW_PICKLE
-def export(model, fmt, output, qtype, requantize, no_verify, kv_cache, seq_len, dynamic_range, overwrite,
+def export(model, fmt, output, qtype, requantize, no_verify, kv_cache, prefill_len, seq_len, dynamic_range, overwrite,
            allow_pickle) -> None:
     """Export MODEL (a float or quantized model directory, or a GGUF file) to a deployment format."""
     from squeeze import api
 
     artifact = api.export(model, fmt, output, qtype=qtype, verify=not no_verify, requantize=requantize,
-                          kv_cache=kv_cache, seq_len=seq_len, dynamic_range=dynamic_range, overwrite=overwrite,
+                          kv_cache=kv_cache, prefill_len=prefill_len, seq_len=seq_len, dynamic_range=dynamic_range,
+                          overwrite=overwrite,
                           allow_pickle=allow_pickle)
     for note in artifact.notes:
         click.echo(note, err=True)

@@ -3,7 +3,8 @@ delegate (XNNPACK), as a deployed app would.
 
 squeeze's token graphs have one fixed sequence length (the file's metadata says which): a shorter window is
 padded at the end (causal attention never looks forward; an encoder's padding is masked), a longer one is
-refused. Generation re-runs the window (the file has no KV-cache signature).
+refused. A file exported with --kv-cache also has LiteRT-LM's prefill_<len> and decode signatures (the KV
+cache as inputs and outputs); scoring uses its whole-window signature, `prefill_decode` the other two.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class TFLiteRuntime:
         self.max_context = self.seq_len
         self.tokenizer = tokenizer
         self.size_bytes = path.stat().st_size
-        self.runner = interpreter.get_signature_runner()
+        signatures = metadata.get("signatures")
+        self.runner = interpreter.get_signature_runner(signatures[0] if signatures else None)
         details = self.runner.get_input_details()
         self.inputs = sorted(details, key=lambda n: _arg_index(n))
         self.input_details = details
@@ -109,6 +111,39 @@ class TFLiteRuntime:
 
     def first_output(self, *arrays: np.ndarray) -> np.ndarray:
         return next(iter(self._invoke(dict(zip(self.inputs, arrays))).values()))
+
+    def prefill_decode(self, input_ids: torch.Tensor, prefill_len: int) -> torch.Tensor:
+        """Through the prefill and decode signatures: the first ``prefill_len`` tokens prefilled into the KV
+        cache, then each later token decoded at its position; the decode logits [1, steps, vocab]."""
+        names = self.metadata.get("signatures") or []
+        prefill_name = next((n for n in names if n.startswith("prefill_")), None)
+        if prefill_name is None or "decode" not in names:
+            raise SqueezeError(f"{self.path.name} has no prefill/decode signatures (export with --kv-cache)")
+        prefill, decode = (self.interpreter.get_signature_runner(n) for n in (prefill_name, "decode"))
+        length = int(prefill_name.split("_")[1])
+        if prefill_len != length:
+            raise SqueezeError(f"{self.path.name} prefills {length} tokens at a time, not {prefill_len}")
+        details = prefill.get_input_details()
+        cache_len = int(details["mask"]["shape"][-1])
+        ids = input_ids.to(torch.int32).numpy()
+        if ids.shape[1] > cache_len:
+            raise SqueezeError(f"{ids.shape[1]} tokens do not fit {self.path.name}'s cache of {cache_len}")
+        cache = {n: np.zeros(d["shape"], d["dtype"]) for n, d in details.items() if n.startswith("kv_cache_")}
+
+        def mask(positions: np.ndarray) -> np.ndarray:  # additive: each position sees the cache up to itself
+            allowed = np.arange(cache_len)[None, :] <= positions[:, None]
+            return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)[None, None]
+
+        pos = np.arange(prefill_len, dtype=np.int32)
+        out = prefill(tokens=ids[:, :prefill_len], input_pos=pos, mask=mask(pos), **cache)
+        cache = {n: out[n] for n in cache}
+        logits = []
+        for p in range(prefill_len, ids.shape[1]):
+            pos = np.asarray([p], np.int32)
+            out = decode(tokens=ids[:, p:p + 1], input_pos=pos, mask=mask(pos), **cache)
+            cache = {n: out[n] for n in cache}
+            logits.append(out["logits"].reshape(1, 1, -1))
+        return torch.from_numpy(np.concatenate(logits, axis=1).astype(np.float32))
 
     def _windows(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.seq_len is None:

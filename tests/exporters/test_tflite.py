@@ -186,6 +186,44 @@ def test_w8a8_needs_per_channel_int8_weights():
         tflite_weight("x", layer)
 
 
+def test_kv_cache_prefill_and_decode_signatures_carry_the_codes(gptq_dirs, short_text, tmp_path):
+    """--kv-cache: LiteRT-LM's prefill_<n> / decode signatures with the KV cache as inputs and outputs, beside the
+    whole-window graph; every signature's FULLY_CONNECTED weights are the checkpoint's codes, and decoding token
+    by token after a prefill gives torch's logits at those positions (checked at export, again here)."""
+    from squeeze.eval.tflite import TFLiteRuntime
+    from squeeze.exporters.tflite import flatbuf
+
+    ckpt = gptq_dirs["w4g32"]
+    art = api.export(ckpt, "tflite", tmp_path / "kv.tflite", seq_len=SEQ, kv_cache=True, prefill_len=16)
+    assert art.verification["decode_steps_checked"] == 8 and art.verification["top1_agreement"] > 0.95
+    runtime = TFLiteRuntime.from_path(art.path)
+    signatures = runtime.interpreter.get_signature_list()
+    assert list(signatures) == ["serving_default", "prefill_16", "decode"]
+    decode_inputs = set(signatures["decode"]["inputs"])
+    assert {"tokens", "input_pos", "mask", "kv_cache_k_0", "kv_cache_v_4"} <= decode_inputs
+    assert {"logits", "kv_cache_k_0", "kv_cache_v_4"} <= set(signatures["decode"]["outputs"])
+    graph = flatbuf.read(art.path.read_bytes())
+    int4 = flatbuf.schema().TensorType.INT4
+    for sg in graph.subgraphs:  # no signature keeps a float copy of a layer squeeze holds as int4
+        fcs = [op for op in sg.operators if flatbuf.op_name(graph, op) == "FULLY_CONNECTED"]
+        assert sum(sg.tensors[op.inputs[1]].type == int4 for op in fcs) >= 25, sg.name
+    ids = torch.randint(0, 512, (1, 28), generator=torch.Generator().manual_seed(3))
+    decoded = runtime.prefill_decode(ids, 16)
+    with torch.no_grad():
+        ref = api.load(ckpt)(ids).logits[:, 16:]
+    assert decoded.shape == ref.shape and (decoded.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    lite_ppl = api.evaluate(art.path, short_text, ctx=SEQ, progress=False).ppl  # the whole-window signature
+    assert abs(lite_ppl / api.evaluate(ckpt, short_text, ctx=SEQ, progress=False).ppl - 1) < 5e-3
+
+
+def test_kv_cache_options_are_checked(stories_dir, tmp_path):
+    with pytest.raises(SqueezeError, match="needs --kv-cache"):
+        api.export(stories_dir, "tflite", tmp_path / "x.tflite", seq_len=SEQ, prefill_len=16)
+    with pytest.raises(SqueezeError, match="leaves no room to decode"):
+        api.export(stories_dir, "tflite", tmp_path / "x.tflite", seq_len=SEQ, kv_cache=True, prefill_len=SEQ)
+    assert not (tmp_path / "x.tflite").exists()
+
+
 def _metadata(path) -> str:
     from squeeze.eval.tflite import read_metadata
 

@@ -33,6 +33,8 @@ TFLITE_TYPES = ("fp32", "fp16")
 # default fixed length of a token graph (at most the model's context): causal LMs score windows of 512,
 # encoders embed sentences of at most 128 tokens (squeeze.eval.embeddings.MAX_TOKENS, sentence-transformers' usual)
 DEFAULT_SEQ_LEN = {"causal-lm": 512, "encoder": 128}
+DEFAULT_PREFILL_LEN = 128  # LiteRT-LM's usual prefill signature
+SCORING_SIGNATURE = "serving_default"  # the whole-window logits graph, beside prefill/decode in a --kv-cache file
 METADATA_KEY = "squeeze"  # the file's metadata entry: JSON with kind, seq_len, vocab_size, precision, source
 
 
@@ -45,14 +47,21 @@ class TFLiteExport:
     # kernels (activations quantized to int8 per row at run time). Blockwise int4 is always dynamic-range.
     dynamic_range: bool = False
     seq_len: int | None = None  # None: the model's context, at most DEFAULT_SEQ_LEN[kind]
+    # causal LMs: also the signatures LiteRT-LM runs, prefill_<prefill_len> and decode, with the KV cache of
+    # seq_len positions as explicit inputs/outputs (litert-torch's own HF exportables: its cache layout)
+    kv_cache: bool = False
+    prefill_len: int | None = None  # None: min(DEFAULT_PREFILL_LEN, seq_len / 2)
     verify: bool = True
 
     def __post_init__(self) -> None:
         if self.qtype not in TFLITE_TYPES:
             raise SqueezeError(f"unknown TFLite --type {self.qtype!r}; choose from {', '.join(TFLITE_TYPES)} "
                                "(int8/int4 come from a quantized checkpoint: run squeeze quantize first)")
-        if self.seq_len is not None and (isinstance(self.seq_len, bool) or int(self.seq_len) < 1):
-            raise SqueezeError(f"--seq-len must be a positive number of tokens, got {self.seq_len}")
+        for flag, value in (("--seq-len", self.seq_len), ("--prefill-len", self.prefill_len)):
+            if value is not None and (isinstance(value, bool) or int(value) < 1):
+                raise SqueezeError(f"{flag} must be a positive number of tokens, got {value}")
+        if self.prefill_len is not None and not self.kv_cache:
+            raise SqueezeError("--prefill-len sets the prefill signature's length: it needs --kv-cache")
 
 
 def require_litert() -> None:
@@ -104,14 +113,44 @@ def eager_attention(model: nn.Module) -> None:
         model.config._attn_implementation = "eager"
 
 
-def convert(module: nn.Module, args: tuple) -> bytes:
-    """litert-torch's conversion of ``module`` at ``args``' shapes (its progress and notices held back)."""
+def convert(module: nn.Module, args: tuple, signatures: list[tuple[str, nn.Module, dict]] = ()) -> bytes:
+    """litert-torch's conversion of ``module`` at ``args``' shapes (its progress and notices held back); with
+    ``signatures`` (name, module, keyword inputs), the module is the first signature, SCORING_SIGNATURE."""
     from squeeze.optional import native_output_kept_back
 
     with native_output_kept_back(), torch.no_grad():
         import litert_torch
 
-        return bytes(litert_torch.convert(module.eval(), args).model_content())
+        if not signatures:
+            return bytes(litert_torch.convert(module.eval(), args).model_content())
+        from litert_torch._convert import interface
+
+        converter = interface.Converter()
+        converter.add_signature(SCORING_SIGNATURE, module.eval(), sample_args=args)
+        for name, sig_module, kwargs in signatures:
+            converter.add_signature(name, sig_module.eval(), sample_kwargs=kwargs)
+        return bytes(converter.convert(strict_export=False).model_content())
+
+
+def kv_signatures(model: nn.Module, seq_len: int, prefill_len: int) -> list[tuple[str, nn.Module, dict]]:
+    """prefill_<prefill_len> and decode with the KV cache as inputs and outputs, from litert-torch's exportable
+    modules for Hugging Face decoder LMs (the layout LiteRT-LM reads: tokens, input_pos, an additive mask over
+    the cache, kv_cache_k_i / kv_cache_v_i). ``model``'s attention is switched to litert-torch's."""
+    from squeeze.optional import native_output_kept_back
+
+    with native_output_kept_back():
+        from litert_torch.generative.export_hf.core import exportable_module, exportable_module_config
+
+    config = exportable_module_config.ExportableModuleConfig(
+        model="squeeze", prefill_lengths=[prefill_len], cache_length=seq_len, quantization_recipe=None)
+    model.set_attn_implementation("lrt_transposed_attention")
+    out = []
+    for cls in (exportable_module.LiteRTExportableModuleForDecoderOnlyLMPrefill,
+                exportable_module.LiteRTExportableModuleForDecoderOnlyLMGenerate):
+        module = cls(model, config)
+        for name, (inputs, _) in module.get_sample_inputs(model.config).items():
+            out.append((name, module, inputs))
+    return out
 
 
 def place_weights(model, twins: Twins, config: TFLiteExport) -> list[str]:
@@ -216,13 +255,27 @@ def export_tflite(src: Path, out: Path, config: TFLiteExport, overwrite: bool = 
     refuse_nonfinite(nonfinite_tensors(model.state_dict().items()), str(src))
     seq_len = token_length(model, kind, config.seq_len)
     reference = load(src, "float32").eval() if config.verify else None
+    if config.kv_cache and kind != "causal-lm":
+        raise SqueezeError("--kv-cache applies to causal LMs (prefill and decode signatures); this is an encoder")
+    prefill = int(config.prefill_len or min(DEFAULT_PREFILL_LEN, max(1, seq_len // 2)))
+    if prefill >= seq_len:
+        raise SqueezeError(f"--prefill-len {prefill} leaves no room to decode in a cache of {seq_len} tokens "
+                           "(--seq-len)")
     twins = float_twins(model)
     eager_attention(model)
     module, args = graph_for(model, kind, seq_len)
+    signatures = []
+    if config.kv_cache:
+        import copy
+
+        signatures = kv_signatures(copy.deepcopy(model), seq_len, prefill)  # the scoring graph keeps eager attention
     meta = {"kind": kind, "seq_len": seq_len, "vocab_size": int(model.config.vocab_size),
             "source": str(Path(src).resolve()), "version": __version__}
-    check = TokenCheck(kind, int(model.config.vocab_size), seq_len) if config.verify else None
-    return _write(module, args, twins, out, config, overwrite, meta, check, reference)
+    if signatures:
+        meta.update(signatures=[SCORING_SIGNATURE] + [name for name, _, _ in signatures], prefill_len=prefill)
+    check = (TokenCheck(kind, int(model.config.vocab_size), seq_len, prefill if signatures else None)
+             if config.verify else None)
+    return _write(module, args, twins, out, config, overwrite, meta, check, reference, signatures)
 
 
 def export_module(module: nn.Module, example_inputs, out: str | Path, config: TFLiteExport | None = None,
@@ -245,10 +298,10 @@ def export_module(module: nn.Module, example_inputs, out: str | Path, config: TF
     return _write(model.eval(), args, twins, out, config, overwrite, meta, check, reference)
 
 
-def _write(module, args, twins: Twins, out, config, overwrite, meta, check, reference) -> Artifact:
+def _write(module, args, twins: Twins, out, config, overwrite, meta, check, reference, signatures=()) -> Artifact:
     from squeeze.fsutil import scratch_dir
 
-    graph = flatbuf.read(convert(module, args))
+    graph = flatbuf.read(convert(module, args, signatures))
     notes = place_weights(graph, twins, config)
     if twins.kept:
         reasons = sorted(set(twins.kept.values()))
@@ -285,10 +338,15 @@ def _precision(twins: Twins, config: TFLiteExport) -> str:
 
 
 class TokenCheck:
-    """Seeded token windows of the graph's length through the interpreter and through torch."""
+    """Seeded token windows of the graph's length through the interpreter and through torch; with
+    ``prefill_len``, also the prefill and decode signatures: a window's first ``prefill_len`` tokens prefilled
+    into the cache, then the next tokens decoded one by one, each step's logits against torch's at that
+    position."""
 
-    def __init__(self, kind: str, vocab_size: int, seq_len: int):
-        self.kind, self.vocab_size, self.seq_len = kind, vocab_size, seq_len
+    decode_steps = 8
+
+    def __init__(self, kind: str, vocab_size: int, seq_len: int, prefill_len: int | None = None):
+        self.kind, self.vocab_size, self.seq_len, self.prefill_len = kind, vocab_size, seq_len, prefill_len
 
     def run(self, path: Path, reference: nn.Module, exact: bool) -> dict:
         from squeeze.eval.tflite import TFLiteRuntime
@@ -298,13 +356,20 @@ class TokenCheck:
         windows = [torch.randint(0, self.vocab_size, (1, n), generator=gen) for n in (self.seq_len, max(1, self.seq_len // 3))]
         runtime = TFLiteRuntime.from_path(path)
         got = [runtime.logits(w) if self.kind == "causal-lm" else runtime.hidden(w) for w in windows]
+        steps = 0
+        if self.prefill_len is not None:  # prefill positions 0..P-1, then decode P, P+1, ... one token each
+            steps = min(self.decode_steps, self.seq_len - self.prefill_len)
+            decoded = runtime.prefill_decode(windows[0][:, :self.prefill_len + steps], self.prefill_len)
         del runtime
-        pairs = []
         with torch.no_grad():
-            for g, w in zip(got, windows):
-                out = reference(input_ids=w, attention_mask=torch.ones_like(w))
-                pairs.append((g, (out.logits if self.kind == "causal-lm" else out.last_hidden_state).float()))
+            refs = [reference(input_ids=w, attention_mask=torch.ones_like(w)) for w in windows]
+        refs = [(r.logits if self.kind == "causal-lm" else r.last_hidden_state).float() for r in refs]
+        pairs = list(zip(got, refs))
+        if steps:
+            pairs.append((decoded, refs[0][:, self.prefill_len:self.prefill_len + steps]))
         record = compare(pairs, exact, logits=self.kind == "causal-lm", runtime="litert")
+        if steps:
+            record["decode_steps_checked"] = steps
         return record
 
 
