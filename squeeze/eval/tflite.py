@@ -169,7 +169,7 @@ class TFLiteRuntime:
         return torch.from_numpy(np.concatenate(rows).astype(np.float32, copy=False))
 
     def decode(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        """Greedy decoding by re-running the window (the file has no KV-cache signature)."""
+        """Greedy decoding by re-running the whole-window graph (every file has it; see `prefill_decode`)."""
         ids = prompt.to(torch.int64)
         for _ in range(new_tokens):
             ids = torch.cat([ids, self.logits(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
