@@ -258,7 +258,7 @@ def export_tflite(src: Path, out: Path, config: TFLiteExport, overwrite: bool = 
     if config.kv_cache and kind != "causal-lm":
         raise SqueezeError("--kv-cache applies to causal LMs (prefill and decode signatures); this is an encoder")
     prefill = int(config.prefill_len or min(DEFAULT_PREFILL_LEN, max(1, seq_len // 2)))
-    if prefill >= seq_len:
+    if config.kv_cache and prefill >= seq_len:
         raise SqueezeError(f"--prefill-len {prefill} leaves no room to decode in a cache of {seq_len} tokens "
                            "(--seq-len)")
     twins = float_twins(model)
