@@ -37,10 +37,17 @@ def schema():
 
 
 def read(raw: bytes):
-    """The flatbuffer as mutable objects (ModelT)."""
+    """The flatbuffer as mutable objects (ModelT). Buffers stored after the flatbuffer (offset/size, as
+    ai-edge-quantizer and large-model converters write them) are read into the objects, so `write` places
+    them inline again instead of keeping offsets into a file that no longer exists."""
     from ai_edge_litert.tools import flatbuffer_utils
 
-    return flatbuffer_utils.convert_bytearray_to_object(bytearray(raw))
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(raw))
+    for buffer in model.buffers or []:
+        if getattr(buffer, "offset", 0) > 1 and getattr(buffer, "size", 0) > 0:
+            buffer.data = np.frombuffer(raw, dtype=np.uint8, count=buffer.size, offset=buffer.offset).copy()
+            buffer.offset, buffer.size = 0, 0
+    return model
 
 
 def write(model) -> bytes:
