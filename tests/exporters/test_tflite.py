@@ -292,6 +292,42 @@ def test_plain_module_float_and_int8(tmp_path):
     assert {w.bits for w in _file_weights(art8.path).values()} == {8}
 
 
+def test_files_with_buffers_after_the_flatbuffer_are_rewritten_whole(tmp_path):
+    """ai-edge-quantizer writes constant buffers after the flatbuffer (offset/size); adding squeeze's metadata
+    re-serializes the model, which must carry those bytes along (it used to leave offsets into nothing)."""
+    from torch import nn
+
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import quantizer, recipe
+
+    from squeeze.exporters.tflite import export_module, flatbuf
+    from squeeze.exporters.tflite.exporter import add_metadata
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 8)).eval()  # > 256 KiB of int8: external
+    x = torch.randn(2, 512)
+    art = export_module(mlp, x, tmp_path / "mlp.tflite")
+    qt = quantizer.Quantizer(str(art.path))
+    qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+    qt.quantize().export_model(str(tmp_path / "q.tflite"), overwrite=True)
+    raw = (tmp_path / "q.tflite").read_bytes()
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    stored = flatbuffer_utils.convert_bytearray_to_object(bytearray(raw))
+    assert any(b.offset > 1 for b in stored.buffers)  # the layout this test is about
+    rewritten = add_metadata(raw, {"probe": 1})
+    assert all(b.offset <= 1 for b in flatbuf.read(rewritten).buffers)
+
+    def run(content):
+        it = Interpreter(model_content=content)
+        it.allocate_tensors()
+        it.set_tensor(it.get_input_details()[0]["index"], x.numpy())
+        it.invoke()
+        return it.get_tensor(it.get_output_details()[0]["index"])
+
+    np.testing.assert_array_equal(run(rewritten), run(raw))
+
+
 def squeeze_quantize_linears(module, scheme: str):
     import copy
 
