@@ -21,6 +21,7 @@ milliseconds per sentence in LiteRT (batches of one, the file's 128 tokens), int
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -48,8 +49,11 @@ MODELS = {
 
 
 def peer_file(fp32: Path, out: Path, recipe: str, calib_windows: np.ndarray | None,
-              calib_feeds: list[dict] | None = None) -> Path:
-    """ai-edge-quantizer's recipe applied to squeeze's fp32 file (the squeeze metadata copied over)."""
+              calib_feeds: list[dict] | None = None, keep_float: str | None = None) -> Path:
+    """ai-edge-quantizer's recipe applied to squeeze's fp32 file (the squeeze metadata copied over).
+
+    ``keep_float``: a regex of layers the int4 blockwise recipe leaves float (ai-edge-quantizer refuses a layer
+    whose input width is not a multiple of the block, as squeeze keeps such layers float)."""
     from ai_edge_quantizer import qtyping, quantizer, recipe_manager
     from ai_edge_quantizer import recipe as recipes
 
@@ -61,7 +65,8 @@ def peer_file(fp32: Path, out: Path, recipe: str, calib_windows: np.ndarray | No
         qt.load_quantization_recipe(recipes.dynamic_wi8_afp32())
     elif recipe == "dynamic_wi4b32_afp32":
         manager = recipe_manager.RecipeManager()
-        manager.add_dynamic_config(regex=".*", operation_name=qtyping.TFLOperationName.FULLY_CONNECTED, num_bits=4,
+        regex = f"^(?!.*(?:{keep_float})).*" if keep_float else ".*"
+        manager.add_dynamic_config(regex=regex, operation_name=qtyping.TFLOperationName.FULLY_CONNECTED, num_bits=4,
                                    granularity=qtyping.QuantGranularity.BLOCKWISE_32)
         qt.load_quantization_recipe(manager.get_quantization_recipe())
     elif recipe == "static_wi8_ai8":
@@ -139,9 +144,11 @@ def model_cells(name: str, work: Path, fresh: bool) -> list[dict]:
         rows.append(row)
     fp32 = Path(next(r for r in rows if r["name"] == "squeeze fp32")["path"])
     windows = load_calibration(load_tokenizer(src), CalibConfig(nsamples=32, seqlen=seq_len)).input_ids.numpy()
+    intermediate = json.loads((src / "config.json").read_text()).get("intermediate_size", 0)
+    keep_float = "down_proj" if intermediate % 32 else None  # stories260K: 172 columns, as squeeze keeps them
     for recipe in ("dynamic_wi8_afp32", "dynamic_wi4b32_afp32", "static_wi8_ai8"):
         def peer(recipe=recipe):
-            path = peer_file(fp32, work / name / f"aeq-{recipe}.tflite", recipe, windows)
+            path = peer_file(fp32, work / name / f"aeq-{recipe}.tflite", recipe, windows, keep_float=keep_float)
             return {"path": str(path), "bytes": path.stat().st_size, "ppl": ppl(path)}
         row = store.get(f"ai-edge-quantizer {recipe}", peer)
         row["name"] = f"ai-edge-quantizer {recipe}"
