@@ -56,7 +56,8 @@ class LayerQParams(NamedTuple):
 
     ``blocks`` are the raw GGUF bytes (uint8 [rows, bytes per row]) for grids a GPTQ-layout checkpoint
     cannot hold (block mins, quantized sub-block scales); ``offsets`` the per-group additive term (the
-    block mins) of such grids.
+    block mins) of such grids. ``lut`` [rows, 2^bits] is a lookup-table grid's table per row: value =
+    lut[row, code] (scales 1 and zeros 0 then stand for nothing).
     """
 
     scales: torch.Tensor  # [rows, n_groups]
@@ -64,6 +65,7 @@ class LayerQParams(NamedTuple):
     g_idx: torch.Tensor  # int32 [cols]
     offsets: torch.Tensor | None = None  # [rows, n_groups]
     blocks: torch.Tensor | None = None  # uint8 [rows, bytes per row]
+    lut: torch.Tensor | None = None  # float32 [rows, entries]
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ class IntGrid:
         return LayerQParams(torch.stack([p.scale for p in params], 1), torch.stack([p.zero for p in params], 1), g_idx)
 
 
-def grid_for(scheme: QuantScheme) -> IntGrid:
+def grid_for(scheme: QuantScheme) -> WeightGrid:
     """The grid a calibrated pass rounds onto for ``scheme``."""
     if not isinstance(scheme, QuantScheme):
         raise SqueezeError(f"expected a QuantScheme, got {type(scheme).__name__}; build one with squeeze.get_scheme")
@@ -131,6 +133,10 @@ def grid_for(scheme: QuantScheme) -> IntGrid:
         from squeeze.exporters.gguf.grid import GGUFGrid
 
         return GGUFGrid(scheme.gguf.upper())
+    if scheme.lut_channels is not None:  # a lookup table per group of rows (squeeze.palette)
+        from squeeze.palette import LutGrid
+
+        return LutGrid(scheme)
     return IntGrid(scheme)
 
 

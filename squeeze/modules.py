@@ -2,7 +2,7 @@
 
 value = scales * (code - zeros) per group (g_idx), plus ``offsets`` (per-group block mins) for GGUF
 grids with mins; layers on such GGUF grids also keep their raw blocks (``gguf_blocks``) so checkpoints
-and the GGUF exporter carry the exact bytes.
+and the GGUF exporter carry the exact bytes. On a lookup-table grid (``lut``) value = lut[row, code].
 
 Its forward dequantizes on the fly (simulated quantization for evaluation);
 the same codes are what the checkpoint packs, so a saved and reloaded model
@@ -48,6 +48,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_zero_point", None)
         self.register_buffer("offsets", None)  # float32 [out, n_groups] for GGUF grids with block mins
         self.register_buffer("gguf_blocks", None)  # uint8 [out, bytes per row]: the layer as GGUF blocks
+        self.register_buffer("lut", None)  # float32 [out, 2^bits]: each row's table on a lookup-table grid
         self._weight_cache: dict | None = None  # set inside `dequantize_once`
 
     @classmethod
@@ -62,6 +63,7 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype,
         offsets: torch.Tensor | None = None,
         gguf_blocks: torch.Tensor | None = None,
+        lut: torch.Tensor | None = None,
     ) -> "QuantLinear":
         out_f, in_f = codes.shape
         layer = cls(in_f, out_f, scheme, scales.shape[1], bias is not None, dtype)
@@ -73,6 +75,8 @@ class QuantLinear(nn.Module):
             layer.offsets = offsets.detach().float().clone()
         if gguf_blocks is not None:
             layer.gguf_blocks = gguf_blocks.detach().to(torch.uint8).clone()
+        if lut is not None:
+            layer.lut = lut.detach().float().clone()
         if bias is not None:
             layer.bias.data.copy_(bias.to(dtype))
         return layer.to(codes.device)
@@ -84,6 +88,8 @@ class QuantLinear(nn.Module):
 
     def float32_weight(self) -> torch.Tensor:
         """The weight the codes stand for, in float32 (before the cast to the compute dtype)."""
+        if self.lut is not None:
+            return self.lut.gather(1, self.codes.long())
         w = dequantize(self.codes, self.scales, self.zeros, self.g_idx, torch.float32)
         return w if self.offsets is None else w + self.offsets[:, self.g_idx.long()]
 

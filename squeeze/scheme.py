@@ -19,6 +19,10 @@ Observer = Literal["minmax", "percentile"]
 
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group")
 MIN_BITS, MAX_BITS = 2, 8
+# Lookup-table presets: the index widths Core ML's constexpr_lut_to_dense takes (iOS 18), and the output rows
+# that share one table (Core ML's per-grouped-channel palettization; 1 = a table per row).
+LUT_BITS: tuple[int, ...] = (2, 3, 4, 6, 8)
+LUT_CHANNELS: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,10 @@ class QuantScheme:
     Symmetric grids follow the GPTQ convention: codes 0..2^b-1 with a fixed zero
     point 2^(b-1) and scale 2*absmax/(2^b-1). Asymmetric grids span [min, max]
     (always including 0.0) with an integer zero point.
+
+    With ``lut_channels`` the grid is a lookup table instead (palettization): each group of that many output
+    rows shares 2^bits values fitted by importance-weighted k-means (`squeeze.palette`), and a code is an index
+    into its rows' table; such a scheme is per-channel, symmetric by convention, with float activations.
     """
 
     bits: int = 4
@@ -69,6 +77,7 @@ class QuantScheme:
     group_size: int | None = 128
     activations: ActScheme | None = None
     gguf: str | None = None  # a GGUF block type whose exact grid (llama.cpp's block fit) calibration uses
+    lut_channels: int | None = None  # a lookup-table grid: 2^bits fitted values shared by this many output rows
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -80,6 +89,8 @@ class QuantScheme:
                 raise SqueezeError(f"group size must be a positive integer, got {self.group_size!r}")
         elif self.group_size is not None:
             raise SqueezeError(f"group size {self.group_size} only applies to granularity 'group', not {self.granularity!r}")
+        if self.lut_channels is not None:
+            self._check_lut()
         if self.gguf is not None:
             spec = GGUF_SCHEMES.get(self.gguf)
             if spec is None or (self.bits, self.symmetric, self.granularity, self.group_size) != (
@@ -87,12 +98,23 @@ class QuantScheme:
                 raise SqueezeError(f"GGUF scheme {self.gguf!r} is fixed by its block format; "
                                    f"known GGUF schemes: {', '.join(GGUF_SCHEMES)}")
 
+    def _check_lut(self) -> None:
+        c = self.lut_channels
+        if isinstance(c, bool) or not isinstance(c, int) or c <= 0:
+            raise SqueezeError(f"a lookup-table scheme needs a positive number of output channels per table, got {c!r}")
+        if (self.granularity, self.group_size, self.symmetric, self.activations, self.gguf) != (
+                "channel", None, True, None, None):
+            raise SqueezeError(f"a lookup-table scheme (lut{self.bits}g{c}) spans whole rows, with no activation "
+                               "quantization and no GGUF type: use the preset name, e.g. 'lut4g16'")
+
     @property
     def maxq(self) -> int:
         return (1 << self.bits) - 1
 
     @property
     def name(self) -> str:
+        if self.lut_channels is not None:
+            return f"lut{self.bits}g{self.lut_channels}"
         return self.gguf or self._int_name()
 
     @property
@@ -140,6 +162,10 @@ def _build_presets() -> dict[str, QuantScheme]:
             presets[s.name] = s
             asym = s.with_(symmetric=False)
             presets[asym.name] = asym
+    for bits in LUT_BITS:  # lookup tables: "lut4g16" = 16 values shared by each group of 16 output rows
+        for channels in LUT_CHANNELS:
+            s = QuantScheme(bits, True, "channel", None, lut_channels=channels)
+            presets[s.name] = s
     w8 = QuantScheme(8, True, "channel", None)
     for acts in (ActScheme(), ActScheme(mode="dynamic"), ActScheme(observer="percentile"), ActScheme(symmetric=False)):
         presets[w8.with_(activations=acts).name] = w8.with_(activations=acts)

@@ -17,6 +17,11 @@ or a mix such as q4_k_m) have no GPTQ form; they are stored as the GGUF bytes th
   L.gguf_blocks  uint8 [out, bytes per row]   llama.cpp's block layout, type from squeeze.json
 (plus L.bias / L.input_scale / L.input_zero_point as above), and quantization_config says quant_method
 "squeeze_gguf": such a checkpoint is read by squeeze (load, eval, export --to gguf), not by GPTQ loaders.
+
+Layers on a lookup-table grid (lut4g16, `squeeze.palette`) keep qweight and g_idx as above (a code is an
+index into its rows' table) and their tables instead of scales and zeros:
+  L.lut  float16 [ceil(out / channels), 2^bits]   one ascending table per group of output rows
+with quant_method "squeeze_lut" (read by squeeze; exported to Core ML as constexpr_lut_to_dense).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from squeeze.checkpoint.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, Shar
 from squeeze.errors import SqueezeError
 from squeeze.model import TOKENIZER_FILES, is_linear, linear_weight, set_submodule
 from squeeze.modules import QuantLinear
+from squeeze.palette import LUT_DTYPE, group_tables, row_tables
 from squeeze.primitives import pack_rows, unpack_rows
 from squeeze.scheme import QuantScheme, get_scheme
 
@@ -42,6 +48,12 @@ def _layer_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
     bits = layer.scheme.bits
     if layer.gguf_blocks is not None:
         out = {"gguf_blocks": layer.gguf_blocks}
+    elif layer.lut is not None:
+        out = {
+            "qweight": pack_rows(layer.codes.t(), bits),
+            "lut": group_tables(layer.lut, layer.scheme.lut_channels).to(LUT_DTYPE),
+            "g_idx": layer.g_idx.to(torch.int32),
+        }
     else:
         stored_zeros = (layer.zeros.to(torch.int64) - 1) & ((1 << bits) - 1)
         out = {
@@ -60,11 +72,14 @@ def _layer_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
 
 
 GGUF_QUANT_METHOD = "squeeze_gguf"
+LUT_QUANT_METHOD = "squeeze_lut"
 
 
 def quantization_config(scheme, desc_act: bool = False, gguf_blocks: bool = False) -> dict:
     if gguf_blocks:  # the scheme is a GGUF type or mix; per-layer types are in squeeze.json
         return {"quant_method": GGUF_QUANT_METHOD, "scheme": scheme.name}
+    if getattr(scheme, "lut_channels", None) is not None:
+        return {"quant_method": LUT_QUANT_METHOD, "scheme": scheme.name}
     return {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
@@ -168,11 +183,11 @@ def read_layer_schemes(path: Path) -> dict[str, QuantScheme]:
 
 
 def scheme_from_quantization_config(qc: dict):
-    if qc.get("quant_method") == GGUF_QUANT_METHOD:
+    if qc.get("quant_method") in (GGUF_QUANT_METHOD, LUT_QUANT_METHOD):
         return get_scheme(str(qc.get("scheme")))
     if qc.get("quant_method") != "gptq":
-        raise SqueezeError(f"unsupported quant_method {qc.get('quant_method')!r}; squeeze reads 'gptq' and "
-                           f"'{GGUF_QUANT_METHOD}' checkpoints")
+        raise SqueezeError(f"unsupported quant_method {qc.get('quant_method')!r}; squeeze reads 'gptq', "
+                           f"'{GGUF_QUANT_METHOD}' and '{LUT_QUANT_METHOD}' checkpoints")
     if qc.get("checkpoint_format", "gptq") != "gptq":
         raise SqueezeError(f"unsupported GPTQ checkpoint_format {qc['checkpoint_format']!r}; squeeze reads 'gptq' (v1)")
     gs = int(qc.get("group_size", -1))
@@ -215,6 +230,8 @@ def _quant_layer_from_state(state: dict, prefix: str, scheme: QuantScheme, in_f:
         return layer
     bits = scheme.bits
     codes = unpack_rows(state[prefix + "qweight"], bits, in_f).t().contiguous()
+    if prefix + "lut" in state:
+        return _lut_layer(state, prefix, scheme, codes, dtype)
     stored = unpack_rows(state[prefix + "qzeros"].t(), bits, out_f).to(torch.int64)
     zeros = ((stored + 1) & ((1 << bits) - 1)).float()
     scales = state[prefix + "scales"].float().t().contiguous()
@@ -226,6 +243,19 @@ def _quant_layer_from_state(state: dict, prefix: str, scheme: QuantScheme, in_f:
     if prefix + "input_zero_point" in state:
         layer.input_zero_point = state[prefix + "input_zero_point"].to(torch.uint8)
     return layer
+
+
+def _lut_layer(state: dict, prefix: str, scheme: QuantScheme, codes: torch.Tensor, dtype) -> QuantLinear:
+    """A lookup-table layer from its packed codes and per-group tables."""
+    tables = state[prefix + "lut"].float()
+    rows = codes.shape[0]
+    if scheme.lut_channels is None or tuple(tables.shape) != (-(-rows // scheme.lut_channels), 1 << scheme.bits):
+        raise SqueezeError(f"checkpoint layer {prefix[:-1]!r} holds lookup tables of shape {tuple(tables.shape)}, "
+                           f"which its grid {scheme.name!r} does not have; re-create the checkpoint")
+    ones = torch.ones(rows, 1)
+    return QuantLinear.from_codes(codes, ones, torch.zeros_like(ones), state[prefix + "g_idx"].to(torch.int32), scheme,
+                                  state.get(prefix + "bias"), dtype,
+                                  lut=row_tables(tables, scheme.lut_channels, rows))
 
 
 def load_into(model: nn.Module, path: Path, scheme: QuantScheme, layer_schemes: dict[str, QuantScheme]) -> nn.Module:
@@ -254,7 +284,7 @@ def install_checkpoint_tensors(model: nn.Module, state: dict[str, torch.Tensor],
         if not isinstance(layer_scheme, QuantScheme):
             raise SqueezeError(f"squeeze.json has no grid for checkpoint layer {name!r}")
         in_f, out_f = (0, 0) if prefix + "gguf_blocks" in state else (
-            int(state[prefix + "g_idx"].numel()), int(state[prefix + "scales"].shape[1]))
+            int(state[prefix + "g_idx"].numel()), int(state[prefix + "qweight"].shape[1]))
         layer = _quant_layer_from_state(state, prefix, layer_scheme, in_f, out_f, dtype)
         want = tuple(linear_weight(old).shape) if is_linear(old) else None  # [out, in], Conv1D included
         if want is not None and want != (layer.out_features, layer.in_features):

@@ -49,7 +49,7 @@ def replace_with_quant_linear(
     weight = linear_weight(module).detach()
     bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
     layer = QuantLinear.from_codes(codes, qp.scales, qp.zeros, qp.g_idx, scheme, bias, weight.dtype,
-                                   offsets=qp.offsets, gguf_blocks=qp.blocks)
+                                   offsets=qp.offsets, gguf_blocks=qp.blocks, lut=qp.lut)
     err = (layer.dequantized_weight().float() - weight.float()).pow(2).sum()
     set_submodule(model, name, layer)
     return {"weight_rel_mse": float(err / weight.float().pow(2).sum().clamp(min=1e-30))}

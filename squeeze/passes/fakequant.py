@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from squeeze.errors import SqueezeError
 from squeeze.modules import QuantLinear
 from squeeze.primitives import MIN_SCALE, SCALE_DTYPE, dequantize, fake_quant_activation
 
@@ -37,6 +38,9 @@ class FakeQuantLinear(nn.Module):
 
     def __init__(self, layer: QuantLinear, learn_scales: bool = False, keep_zeros: bool = False):
         super().__init__()
+        if layer.lut is not None:
+            raise SqueezeError(f"QAT trains integer and GGUF grids; {layer.scheme.name} is a lookup-table grid, whose "
+                               "tables it cannot train yet: quantize with GPTQ on the table instead")
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.scheme, self.compute_dtype = layer.scheme, layer.compute_dtype
         self.maxq = _code_max(layer)

@@ -241,6 +241,7 @@ def test_fp16_stores_float16_weights(stories_dir, tmp_path):
 @pytest.mark.parametrize("scheme, message", [  # (W8A8 with 4-bit weights: test_w8a8_needs_per_channel_int8_weights)
     ("w4g32-asym", "quantize with w4g32 instead"),
     ("w8g32", "blockwise quantization holds 4-bit codes only"),
+    ("lut4g16", "lookup-table grid, which TFLite cannot hold; export it with --to coreml"),
 ])
 def test_refused_checkpoints_name_what_to_use(stories_dir, tmp_path, scheme, message):
     ckpt = api.quantize_dir(stories_dir, tmp_path / "q", RTN(scheme=get_scheme(scheme)), CalibConfig())

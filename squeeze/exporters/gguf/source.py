@@ -44,8 +44,11 @@ class QuantLayer:
     zeros: np.ndarray  # float32 [out, n_groups]
     g_idx: np.ndarray  # int32 [in]
     scheme: QuantScheme
+    lut: np.ndarray | None = None  # float32 [out, 2^bits] on a lookup-table grid: weight[r, c] = lut[r, codes[r, c]]
 
     def dequantize(self) -> np.ndarray:
+        if self.lut is not None:
+            return np.take_along_axis(self.lut, self.codes.astype(np.int64), axis=1)
         s, z = self.scales[:, self.g_idx], self.zeros[:, self.g_idx]
         return (self.codes.astype(np.float32) - z) * s
 
@@ -126,7 +129,7 @@ class ModelSource:
                 continue
             if prefix in self.quantized:
                 if key.endswith(".qweight"):
-                    rows, cols = self._shape(prefix + ".scales")[1], self._shape(prefix + ".g_idx")[0]
+                    rows, cols = self._shape(prefix + ".qweight")[1], self._shape(prefix + ".g_idx")[0]
                     out.append((prefix + ".weight", (rows, cols)))
                 elif key.endswith(".bias"):
                     out.append((key, self._shape(key)))
@@ -157,11 +160,24 @@ class ModelSource:
         scheme = self.layer_schemes.get(prefix, self.scheme)
         bits = scheme.bits
         g_idx = self._get(prefix + ".g_idx").to(torch.int32)
+        if prefix + ".lut" in self._where:  # a lookup-table layer: no GGUF type holds it; --requantize re-rounds
+            return self._lut_layer(prefix, scheme, g_idx)
         scales = self._get(prefix + ".scales").float().t().contiguous()
         codes = unpack_rows(self._get(prefix + ".qweight"), bits, g_idx.numel()).t().contiguous()
         stored = unpack_rows(self._get(prefix + ".qzeros").t(), bits, scales.shape[0]).to(torch.int64)
         zeros = ((stored + 1) & ((1 << bits) - 1)).float()
         return QuantLayer(codes.to(torch.uint8).numpy(), scales.numpy(), zeros.numpy(), g_idx.numpy(), scheme)
+
+    def _lut_layer(self, prefix: str, scheme: QuantScheme, g_idx: torch.Tensor) -> QuantLayer:
+        from squeeze.palette import row_tables
+        from squeeze.primitives import unpack_rows
+
+        qweight = self._get(prefix + ".qweight")
+        codes = unpack_rows(qweight, scheme.bits, g_idx.numel()).t().contiguous()
+        tables = row_tables(self._get(prefix + ".lut").float(), scheme.lut_channels, qweight.shape[1])
+        ones = np.ones((qweight.shape[1], 1), dtype=np.float32)
+        return QuantLayer(codes.to(torch.uint8).numpy(), ones, np.zeros_like(ones), g_idx.numpy(), scheme,
+                          tables.numpy())
 
     def float_tensor(self, hf_name: str) -> np.ndarray:
         """float32 values of a tensor; a quantized layer is dequantized."""

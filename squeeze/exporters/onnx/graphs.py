@@ -20,6 +20,7 @@ from squeeze.exporters.onnx.matmulnbits import MatMulNBitsLinear, check_matmulnb
 from squeeze.exporters.onnx.qdq import QDQLinear, check_qdq
 from squeeze.model import set_submodule
 from squeeze.modules import QuantLinear
+from squeeze.palette import refuse_lut
 
 # Example shapes used for tracing (every axis is dynamic in the graph).
 TRACE_BATCH, TRACE_SEQ = 2, 8
@@ -70,6 +71,8 @@ def lower_quant_linears(model: nn.Module, dtype: torch.dtype, act_encoding: str 
     """
     counts: dict[str, int] = {}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name, layer in layers:
+        refuse_lut(layer.scheme, name, "ONNX")
     for name, layer in layers:
         kind = lowering_for(layer, int4_encoding)
         check, cls = LOWERINGS[kind]

@@ -23,6 +23,7 @@ from squeeze.errors import SqueezeError
 from squeeze.exporters.tflite.flatbuf import IntWeight
 from squeeze.model import set_submodule
 from squeeze.modules import QuantLinear
+from squeeze.palette import refuse_lut
 
 
 class Unplaceable(SqueezeError):
@@ -60,6 +61,7 @@ def _symmetric_name(layer: QuantLinear) -> str:
 def tflite_weight(name: str, layer: QuantLinear) -> IntWeight:
     """``layer``'s codes as TFLite holds them, or a SqueezeError saying why it cannot and what to use."""
     s = layer.scheme
+    refuse_lut(s, name, "TFLite")
     if s.activations is not None and (s.bits != 8 or s.granularity == "group"):
         raise SqueezeError(f"{name}: {s.name} has int8 activations with {s.bits}-bit {s.granularity} weights; "
                            "TFLite's W8A8 takes per-channel int8 weights: quantize with w8a8")
