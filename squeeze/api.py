@@ -284,7 +284,8 @@ def export(model: str | Path, fmt: str, output: str | Path, overwrite: bool = Fa
     src = Path(model)
     if not src.exists():
         raise SqueezeError(f"model path {str(src)!r} does not exist")
-    out = check_output_path(output, overwrite, kind="file", inputs=(src,), suffixes=OUTPUT_SUFFIXES[fmt])
+    kind = "dir" if fmt == "coreml" else "file"  # an .mlpackage is a directory
+    out = check_output_path(output, overwrite, kind=kind, inputs=(src,), suffixes=OUTPUT_SUFFIXES[fmt])
     if not is_gguf(src):  # a GGUF input is checked as it is dequantized (squeeze.load), pickles as they load
         check_finite_files(validate_model_dir(src, allow_pickle))
     if is_gguf(src) and getattr(config_cls, "reads_gguf", False):

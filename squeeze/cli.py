@@ -470,9 +470,10 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--to", "fmt", required=True, help="Export format (gguf, ...).")
+@click.option("--to", "fmt", required=True, help="Export format: gguf, onnx, tensorrt, tflite, coreml.")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output file.")
-@click.option("--type", "qtype", default=None, help="Format-specific type (gguf: f32, f16, q8_0, q4_0, q4_k_m, ...; onnx, tflite: fp32, fp16).")
+@click.option("--type", "qtype", default=None, help="Format-specific type (gguf: f32, f16, q8_0, q4_0, q4_k_m, ...; onnx, tflite, coreml: fp32, "
+              "fp16).")
 @click.option("--requantize", is_flag=True, help="Re-round a calibrated checkpoint onto a different grid (warns).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the file in its runtime and comparing with torch.")
 @click.option("--kv-cache", is_flag=True, help="onnx/tensorrt: past key/value inputs and outputs for token-by-token "
@@ -480,7 +481,7 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
 @click.option("--prefill-len", type=int, default=None,
               help="tflite --kv-cache: tokens per prefill call (default: 128, at most half of --seq-len).")
 @click.option("--seq-len", type=int, default=None,
-              help="tflite: the token graph's fixed length (default: the model's context, at most 512 for a "
+              help="tflite, coreml: the token graph's fixed length (default: the model's context, at most 512 for a "
                    "causal LM and 128 for an encoder).")
 @click.option("--dynamic-range", is_flag=True,
               help="tflite: int8 layers quantize their activations at run time (TFLite's dynamic-range kernels) "
@@ -500,8 +501,8 @@ def export(model, fmt, output, qtype, requantize, no_verify, kv_cache, prefill_l
         click.echo(note, err=True)
     v = artifact.verification
     if v:
-        click.echo(f"verified in {v['runtime']}: " + ", ".join(f"{k}={v[k]:.6g}" for k in v if isinstance(v[k], float)),
-                   err=True)
+        numbers = [k for k in v if isinstance(v[k], (int, float)) and not isinstance(v[k], bool)]
+        click.echo(f"verified in {v['runtime']}: " + ", ".join(f"{k}={v[k]:.6g}" for k in numbers), err=True)
     click.echo(f"wrote {artifact.path} ({artifact.size_bytes} bytes)", err=True)
 
 

@@ -73,7 +73,10 @@ def remove_dead_temporaries(directory: Path) -> list[Path]:
 
 
 def _is_squeeze_output_dir(p: Path) -> bool:
-    return (p / OUTPUT_MARKER).is_file() or not any(p.iterdir())
+    """A directory --overwrite may replace: one squeeze wrote, an empty one, or a Core ML package (a file to its
+    users, a directory on disk)."""
+    package = p.suffix.lower() == ".mlpackage" and (p / "Manifest.json").is_file()
+    return (p / OUTPUT_MARKER).is_file() or package or not any(p.iterdir())
 
 
 def _check_not_an_input(out: Path, inputs) -> None:

@@ -71,13 +71,16 @@ RUNTIMES: dict[str, tuple[str, str]] = {
     "onnxruntime": ("squeeze.eval.onnxruntime", "OrtRuntime"),
     "tensorrt": ("squeeze.eval.tensorrt", "TensorRTRuntime"),
     "litert": ("squeeze.eval.tflite", "TFLiteRuntime"),
+    "coreml": ("squeeze.eval.coreml", "CoreMLRuntime"),
 }
 # file suffix -> runtime name (directories run in torch)
 SUFFIX_RUNTIMES: dict[str, str] = {".gguf": "llama.cpp", ".onnx": "onnxruntime", ".plan": "tensorrt", ".engine": "tensorrt",
-                                  ".tflite": "litert"}
+                                  ".tflite": "litert", ".mlpackage": "coreml"}
 
 
 def runtime_for(path: Path) -> str:
+    if path.suffix.lower() == ".mlpackage":  # a Core ML package is a directory
+        return "coreml"
     if path.is_dir():
         return "torch"
     if path.suffix.lower() in SUFFIX_RUNTIMES:

@@ -19,11 +19,12 @@ EXPORTERS: dict[str, tuple[str, str, str]] = {
     "onnx": ("squeeze.exporters.onnx.exporter", "export_onnx", "ONNXExport"),
     "tensorrt": ("squeeze.exporters.tensorrt", "export_tensorrt", "TensorRTExport"),
     "tflite": ("squeeze.exporters.tflite.exporter", "export_tflite", "TFLiteExport"),
+    "coreml": ("squeeze.exporters.coreml.exporter", "export_coreml", "CoreMLExport"),
 }
 
 # format name -> the endings its output file may have (checked before any work)
 OUTPUT_SUFFIXES: dict[str, tuple[str, ...]] = {"gguf": (".gguf",), "onnx": (".onnx",), "tensorrt": (".plan", ".engine"),
-                                                 "tflite": (".tflite",)}
+                                                 "tflite": (".tflite",), "coreml": (".mlpackage",)}
 
 
 @dataclass

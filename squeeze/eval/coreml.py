@@ -1,0 +1,101 @@
+"""Runs an exported .mlpackage with Core ML (macOS only: coremltools' Linux wheel has no Core ML runtime).
+
+squeeze's token graphs have one fixed sequence length (the package metadata says which): a shorter window is
+padded at the end (causal attention never looks forward; an encoder's padding is masked), a longer one is
+refused, as for the TFLite runtime. Elsewhere than macOS, opening a package fails in one line saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from squeeze.errors import SqueezeError
+
+METADATA_KEY = "squeeze"
+
+
+def read_metadata(path: Path) -> dict:
+    """The squeeze entry of a package's user-defined metadata ({} if none), without loading the model."""
+    from squeeze.exporters.coreml.exporter import require_coremltools
+
+    ct = require_coremltools()
+    try:
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+    except Exception as e:  # a damaged or foreign package: one line
+        raise SqueezeError(f"{str(path)!r} is not a readable Core ML package ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    raw = model.user_defined_metadata.get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+class CoreMLRuntime:
+    """A .mlpackage predicted by Core ML: logits for causal LMs, hidden states for encoders."""
+
+    name = "coreml"
+
+    def __init__(self, model, path: Path, metadata: dict, tokenizer=None):
+        self.model = model
+        self.path = path
+        self.metadata = metadata
+        self.kind = metadata.get("kind", "module")
+        self.seq_len = metadata.get("seq_len")
+        self.vocab_size = metadata.get("vocab_size")
+        self.max_context = self.seq_len
+        self.tokenizer = tokenizer
+        self.size_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        self.input_names = list(metadata.get("inputs", []))
+
+    @classmethod
+    def from_path(cls, path: Path) -> CoreMLRuntime:
+        from squeeze.eval.onnxruntime import _tokenizer_for
+
+        path = Path(path)
+        if path.suffix.lower() != ".mlpackage" or not path.is_dir():
+            raise SqueezeError(f"{str(path)!r} is not a .mlpackage directory")
+        metadata = read_metadata(path)
+        if sys.platform != "darwin":
+            raise SqueezeError(f"running {path.name} needs Core ML, which only macOS has (this is {sys.platform}); "
+                               "its weights were checked at export, evaluate it on a Mac")
+        import coremltools as ct
+
+        units = ct.ComputeUnit.CPU_ONLY if metadata.get("precision", "").endswith("fp32") else ct.ComputeUnit.ALL
+        model = ct.models.MLModel(str(path), compute_units=units)
+        source = metadata.get("source")
+        return cls(model, path, metadata, _tokenizer_for(path, {"squeeze.source": source} if source else {}))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.model.predict({k: np.asarray(v) for k, v in feeds.items()})
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def _windows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.seq_len is None:
+            raise SqueezeError(f"{self.path.name} is not a token graph squeeze wrote (no sequence length in it)")
+        if input_ids.shape[1] > self.seq_len:
+            raise SqueezeError(f"{self.path.name} takes windows of at most {self.seq_len} tokens, got "
+                               f"{input_ids.shape[1]}; use --ctx {self.seq_len} (or export with a longer --seq-len)")
+        return torch.nn.functional.pad(input_ids, (0, self.seq_len - input_ids.shape[1]))
+
+    def _first(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return next(iter(self.run(feeds).values()))
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.kind != "causal-lm":
+            raise SqueezeError(f"{self.path.name} is an {self.kind} graph without logits; perplexity needs a causal LM")
+        n = input_ids.shape[1]
+        rows = [self._first({"input_ids": self._windows(row[None]).numpy().astype(np.int32)})[:, :n]
+                for row in input_ids]
+        return torch.from_numpy(np.concatenate(rows).astype(np.float32, copy=False))
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """An encoder's last hidden state for each row (padding masked)."""
+        n = input_ids.shape[1]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        rows = [self._first({"input_ids": self._windows(ids[None]).numpy().astype(np.int32),
+                             "attention_mask": self._windows(m[None]).numpy().astype(np.int32)})[:, :n]
+                for ids, m in zip(input_ids, mask)]
+        return torch.from_numpy(np.concatenate(rows).astype(np.float32, copy=False))
