@@ -38,6 +38,7 @@ from bench.models import cache_dir, smollm2_dir, wikitext_lines  # noqa: E402
 from bench.smollm2 import Cells  # noqa: E402
 from squeeze import api  # noqa: E402
 from squeeze.calib import CalibConfig, load_calibration  # noqa: E402
+from squeeze.errors import SqueezeError  # noqa: E402
 from squeeze.resources import DEFAULT_MODEL, default_eval_text  # noqa: E402
 
 ROUNDS = 5
@@ -139,7 +140,10 @@ def model_cells(name: str, work: Path, fresh: bool) -> list[dict]:
               (f"torch gptq {int4}", lambda: {"ppl": ppl(ckpts[int4]()), "bytes": None}),
               (f"squeeze gptq {int4}", lambda: export(f"gptq-{int4}", ckpts[int4]()))]
     for label, fn in cells:
-        row = store.get(label, fn)
+        try:
+            row = store.get(label, fn)
+        except SqueezeError as e:  # an export its own verification refused: reported, not hidden
+            row = {"error": str(e)}
         row["name"] = label
         rows.append(row)
     fp32 = Path(next(r for r in rows if r["name"] == "squeeze fp32")["path"])
@@ -230,6 +234,9 @@ def report(tables: dict[str, list[dict]], minilm: list[dict] | None = None) -> s
         base = next((r["window_s"] for r in rows if r["name"] == "squeeze fp32"), None)
         lines += [f"## {name}", "", "| file | ppl | bytes | window s | x fp32 |", "|---|---|---|---|---|"]
         for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['name']} | export failed: {r['error'][:160]} | - | - | - |")
+                continue
             t = r.get("window_s")
             lines.append(f"| {r['name']} | {r['ppl']:.4f} | {r['bytes'] or '-'} | {f'{t:.4f}' if t else '-'} | "
                          f"{f'{t / base:.2f}' if t and base else '-'} |")
