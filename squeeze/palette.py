@@ -3,10 +3,16 @@
 A `QuantScheme` with ``lut_channels`` (``lut4g16``: 16 values shared by each group of 16 output rows, Core
 ML's per-grouped-channel palettization) is rounded onto its table like any other grid: `LutGrid` implements
 the `squeeze.grid.WeightGrid` protocol, so RTN takes each weight's nearest table entry and GPTQ picks it with
-its error compensation. The table is fitted once per layer on the whole rows (block = the row), by Lloyd's
+its error compensation. The table is fitted once per layer on the whole rows (block = the row) by 1-D
 k-means weighted by the column importance a calibrated pass passes in (the input Hessian's diagonal, as
 SqueezeLLM weighs its k-means; Kim et al. 2023), and rounded to float16, the dtype Core ML stores it in, so
 the checkpoint's tables are exactly what an exporter writes.
+
+Lloyd's iterations alone stop in poor local optima on heavy-tailed weights (measured on stories260K q_proj:
+relative error 0.0173 against 0.0125 for the optimal clustering coremltools gets from the kmeans1d package).
+So the start is the optimal clustering of a fine histogram of the values (dynamic programming over
+`HISTOGRAM_BINS` equal-width bins, exact for the binned data), which Lloyd then polishes on the values
+themselves.
 """
 
 from __future__ import annotations
@@ -21,7 +27,11 @@ from squeeze.scheme import QuantScheme
 
 LUT_DTYPE = torch.float16  # tables are stored (checkpoint, Core ML) in float16; the fit rounds to it
 KMEANS_ITERATIONS = 50  # Lloyd steps at most; a fit stops earlier once no assignment changes
+POLISH_ITERATIONS = 10  # Lloyd steps after the optimal binned start (measured: later ones change < 0.1%)
 KMEANS_CHUNK_ELEMENTS = 1 << 24  # weights clustered at once (tables are independent, so rows are chunked)
+HISTOGRAM_BINS = 256  # bins of the optimal start; its cost is entries x bins^2 per table
+MAX_OPTIMAL_START_ENTRIES = 16  # tables up to 4 bits start from the optimal binned clustering
+START_CHUNK_ROWS = 32  # tables whose [bins + 1]^2 float64 run costs are held at once (~17 MB each)
 PRUNED_SHARE = 0.01  # a layer with this share of exact zeros is pruned: its tables hold an exact 0 (as GPTQ's)
 
 
@@ -31,11 +41,57 @@ def nearest_entry(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mids.contiguous(), x.contiguous())
 
 
+def optimal_binned_start(x: torch.Tensor, w: torch.Tensor, entries: int, bins: int = HISTOGRAM_BINS) -> torch.Tensor:
+    """Per row of ``x`` [n, m] (weights ``w`` [n, m]): the centroids of the optimal ``entries``-way clustering of
+    its histogram (``bins`` equal-width bins as points at their weighted means), by dynamic programming over
+    contiguous runs of bins (float64 prefix sums; Wang & Song 2011's recurrence without its speed-ups)."""
+    return torch.cat([_binned_start(x[r : r + START_CHUNK_ROWS], w[r : r + START_CHUNK_ROWS], entries, bins)
+                      for r in range(0, x.shape[0], START_CHUNK_ROWS)])
+
+
+def _binned_start(x: torch.Tensor, w: torch.Tensor, entries: int, bins: int) -> torch.Tensor:
+    n = x.shape[0]
+    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+    width = (hi - lo).clamp(min=1e-30)
+    index = ((x - lo) / width * bins).long().clamp_(0, bins - 1)
+    xd, wd = x.double(), w.double()
+    sums = [torch.zeros(n, bins, dtype=torch.float64, device=x.device).scatter_add_(1, index, v)
+            for v in (wd, wd * xd, wd * xd * xd)]
+    prefix = [torch.nn.functional.pad(s.cumsum(dim=1), (1, 0)) for s in sums]  # [n, bins + 1]
+
+    def between(p):  # [n, i, j] = p[j] - p[i]: the sum over bins i..j-1
+        return p.unsqueeze(1) - p.unsqueeze(2)
+
+    mass, moment, square = (between(p) for p in prefix)
+    cost = (square - moment.square() / mass.clamp(min=1e-300)).clamp_(min=0)  # within-run weighted variance
+    cost = cost.float().masked_fill_(~torch.ones(bins + 1, bins + 1, dtype=torch.bool, device=x.device).triu(1),
+                                     float("inf"))
+    best = cost[:, 0, :]  # [n, j]: one cluster over bins 0..j-1
+    choices = []
+    for _ in range(entries - 1):
+        total = best.unsqueeze(2) + cost  # [n, i, j]: runs up to i, then one run i..j-1
+        best, arg = total.min(dim=1)
+        choices.append(arg)
+    cuts = torch.full((n,), bins, dtype=torch.long, device=x.device)
+    bounds = [cuts]
+    for arg in reversed(choices):
+        cuts = arg.gather(1, cuts.unsqueeze(1)).squeeze(1)
+        bounds.append(cuts)
+    bounds.append(torch.zeros_like(cuts))
+    edges = torch.stack(bounds[::-1], dim=1)  # [n, entries + 1] bin boundaries of the runs
+    m_run = prefix[0].gather(1, edges[:, 1:]) - prefix[0].gather(1, edges[:, :-1])
+    s_run = prefix[1].gather(1, edges[:, 1:]) - prefix[1].gather(1, edges[:, :-1])
+    centre = lo.double() + (edges[:, :-1] + edges[:, 1:]).double() / 2 * width.double() / bins  # empty run
+    return torch.where(m_run > 0, s_run / m_run.clamp(min=1e-300), centre).float()
+
+
 def kmeans_1d(x: torch.Tensor, entries: int, weight: torch.Tensor | None = None,
               iterations: int = KMEANS_ITERATIONS, pin_zero: bool = False) -> torch.Tensor:
     """One ascending table of ``entries`` values per row of ``x`` [n, m], minimising sum weight * (x - table)^2.
 
-    ``weight`` [m] weighs the columns (None: equal). Starts from the row's quantiles; an entry left without
+    ``weight`` [m] weighs the columns (None: equal). Starts from `optimal_binned_start` (up to 16 entries;
+    for larger tables, half the entries at the row's quantiles and half evenly over its range: measured on
+    heavy-tailed rows at 256 entries, 12x less error than quantiles alone); an entry left without
     weights is moved to the row's worst-fitted value, so repeated values (a pruned layer's zeros) do not
     waste entries. ``pin_zero``: the entry nearest 0 is held at exactly 0 (pruned weights stay zero).
     """
@@ -43,8 +99,14 @@ def kmeans_1d(x: torch.Tensor, entries: int, weight: torch.Tensor | None = None,
     n, m = x.shape
     w = torch.ones(1, m, device=x.device) if weight is None else weight.float().to(x.device).reshape(1, m)
     w = w.clamp(min=0).expand(n, m)
-    positions = ((torch.arange(entries, device=x.device) + 0.5) * m / entries).long().clamp(max=m - 1)
-    tables = x.sort(dim=1).values[:, positions]
+    if entries <= MAX_OPTIMAL_START_ENTRIES:
+        tables = optimal_binned_start(x, w, entries, min(HISTOGRAM_BINS, max(4 * entries, m // 2)))
+        iterations = min(iterations, POLISH_ITERATIONS)
+    else:  # the start would cost entries x bins^2: every other entry at a quantile, the rest evenly over the range
+        quantiles = x.sort(dim=1).values[:, ((torch.arange(entries, device=x.device) + 0.5) * m / entries).long()]
+        lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+        even = lo + (hi - lo) * (torch.arange(entries, device=x.device) + 0.5) / entries
+        tables = torch.cat([quantiles[:, ::2], even[:, 1::2]], dim=1)
     assign = None
     rows = torch.arange(n, device=x.device)
     for _ in range(iterations):

@@ -1,0 +1,175 @@
+"""Reproduce reports/coreml.md: squeeze's lookup-table grids against coremltools' own palettization.
+
+    python bench/coreml.py              # stories260K (minutes on 2 CPU cores)
+    python bench/coreml.py --smollm2    # also SmolLM2-135M (WikiText-2 test, first 300 lines)
+    python bench/coreml.py --fresh      # measure again instead of reusing finished cells
+
+Palettization at 4 bits, one 16-entry table per group of output rows (squeeze's ``lut4g16``, coremltools'
+``n_bits=4, granularity="per_grouped_channel", group_size=16``; 4 rows on stories260K, whose 172-row layers
+coremltools cannot split by 16), on the same layers (every linear inside the transformer blocks). Perplexity in torch (Core ML prediction needs macOS; torch holds the same weights):
+- squeeze RTN: each weight's nearest entry of a table fitted by k-means on the layer's weights;
+- squeeze GPTQ: the table fitted by k-means weighted by the input Hessian's diagonal, entries picked by GPTQ
+  with its error compensation (the same calibration windows for every calibrated method);
+- coremltools PostTrainingPalettizer: its k-means palettization (coremltools.optimize.torch), the route a
+  Core ML user takes for post-training palettization;
+- coremltools SKMPalettizer: its sensitivity-weighted k-means (SqueezeLLM's), calibrated on the same windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.models import cache_dir, smollm2_dir, wikitext_lines  # noqa: E402
+from bench.smollm2 import Cells  # noqa: E402
+from squeeze import api  # noqa: E402
+from squeeze.calib import CalibConfig, load_calibration  # noqa: E402
+from squeeze.resources import DEFAULT_MODEL, default_eval_text  # noqa: E402
+
+LUT_BITS = 4
+# model -> (directory, eval text, window, calibration, rows per table: the largest of 4/8/16 dividing every layer,
+# so squeeze and coremltools share tables the same way; stories260K's 172-row layers take 4)
+MODELS = {
+    "stories260K": (lambda: DEFAULT_MODEL, default_eval_text, 256, CalibConfig(nsamples=128, seqlen=256), 4),
+    "SmolLM2-135M": (smollm2_dir, lambda: wikitext_lines(300), 512, CalibConfig(nsamples=128, seqlen=512), 16),
+}
+SKM_BATCH = 4  # calibration windows per sensitivity (Fisher) step of SKMPalettizer
+
+
+def coremltools_palettized(src: Path, kind: str, windows: torch.Tensor, group: int) -> torch.nn.Module:
+    """The float model palettized by coremltools.optimize.torch (``kind``: "kmeans" or "skm") on squeeze's
+    default layers, one table per ``group`` output rows."""
+    from coremltools.optimize.torch import palettization as pal
+
+    from squeeze.model import linear_weight, select_linears
+
+    model = api.load(src, "float32").eval()
+    names = {}
+    for name, m in select_linears(model).items():
+        if linear_weight(m).shape[0] % group:  # coremltools would leave the layer float (and only warn)
+            raise ValueError(f"{name}: {linear_weight(m).shape[0]} rows do not split into tables of {group}")
+        names[name] = {"n_bits": LUT_BITS, "granularity": "per_grouped_channel", "group_size": group}
+    if kind == "kmeans":
+        config = pal.PostTrainingPalettizerConfig.from_dict({"global_config": None, "module_name_configs": names})
+        return pal.PostTrainingPalettizer(model, config).compress().eval()
+    config = pal.SKMPalettizerConfig.from_dict({"global_config": None, "module_name_configs": names,
+                                                "calibration_nsamples": len(windows)})
+    loader = [windows[i : i + SKM_BATCH] for i in range(0, len(windows), SKM_BATCH)]
+
+    def loss_fn(m, batch):
+        return m(input_ids=batch, labels=batch).loss
+
+    return pal.SKMPalettizer(model, config).compress(dataloader=loader, loss_fn=loss_fn).eval()
+
+
+def table_check(model: torch.nn.Module, group: int) -> int:
+    """Most distinct values in any group of rows sharing a table in the palettized layers (16 if palettized)."""
+    from squeeze.model import linear_weight, select_linears
+
+    worst = 0
+    for m in select_linears(model).values():
+        w = linear_weight(m).detach()
+        for r in range(0, w.shape[0], group):
+            worst = max(worst, int(torch.unique(w[r : r + group]).numel()))
+    return worst
+
+
+def lut_rows(name: str, work: Path, fresh: bool) -> list[dict]:
+    from squeeze.model import load_tokenizer
+    from squeeze.passes.gptq import GPTQ
+    from squeeze.passes.rtn import RTN
+    from squeeze.scheme import get_scheme
+
+    directory, text_fn, seq_len, calib, group = MODELS[name]
+    scheme = f"lut{LUT_BITS}g{group}"
+    src, text = directory(), text_fn()
+    store = Cells(work / name, fresh)
+    tokenizer = load_tokenizer(src)
+    ppl = lambda model: api.evaluate(model, text, ctx=seq_len, tokenizer=tokenizer, progress=False).ppl  # noqa: E731
+    windows = load_calibration(tokenizer, calib).input_ids
+
+    def squeeze_cell(method: str):
+        def measure():
+            out = work / name / f"{method}-{scheme}"
+            config = (RTN if method == "rtn" else GPTQ)(scheme=get_scheme(scheme))
+            start = time.perf_counter()
+            api.quantize_dir(src, out, config, calib, overwrite=True)
+            seconds = time.perf_counter() - start
+            return {"ppl": ppl(api.load(out, "float32")), "quantize_s": seconds}
+        return measure
+
+    def peer_cell(kind: str):
+        def measure():
+            start = time.perf_counter()
+            model = coremltools_palettized(src, kind, windows, group)
+            seconds = time.perf_counter() - start
+            values = table_check(model, group)
+            if values > 1 << LUT_BITS:
+                raise RuntimeError(f"coremltools left {values} distinct values in a table group: not palettized")
+            return {"ppl": ppl(model), "quantize_s": seconds, "max_values_per_group": values}
+        return measure
+
+    cells = [("torch fp32", lambda: {"ppl": ppl(api.load(src, "float32"))}),
+             (f"squeeze RTN {scheme}", squeeze_cell("rtn")),
+             (f"squeeze GPTQ {scheme}", squeeze_cell("gptq")),
+             ("coremltools PostTrainingPalettizer (k-means)", peer_cell("kmeans")),
+             ("coremltools SKMPalettizer (sensitive k-means)", peer_cell("skm"))]
+    rows = []
+    for label, fn in cells:
+        try:
+            row = store.get(label, fn)
+        except Exception as e:  # a peer that does not run here is reported, not hidden
+            row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]}
+        row["name"] = label
+        rows.append(row)
+    return rows
+
+
+def report(tables: dict[str, list[dict]]) -> str:
+    lines = ["# Core ML export (issue 16)", "",
+             "Made by `python bench/coreml.py` (`--smollm2` for SmolLM2) on this machine (2 CPU cores).", "",
+             "## Lookup-table grids at 4 bits (16-entry tables per group of output rows)", "",
+             "Perplexity in torch, the same weights a Core ML package holds (prediction needs macOS). stories260K: "
+             "bundled eval text, windows of 256; SmolLM2-135M: WikiText-2 test (first 300 lines), windows of 512. "
+             "Calibration (GPTQ, SKM): 128 windows of the bundled stories calibration corpus. gap closed = share of "
+             "RTN's perplexity increase over fp32 that the method removes.", ""]
+    for name, rows in tables.items():
+        fp32 = next(r["ppl"] for r in rows if r["name"] == "torch fp32")
+        rtn = next((r.get("ppl") for r in rows if r["name"].startswith("squeeze RTN")), None)
+        lines += [f"### {name} (one table per {MODELS[name][4]} rows)", "", "| method | ppl | gap closed vs RTN | quantize s |", "|---|---|---|---|"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['name']} | failed: {r['error']} | - | - |")
+                continue
+            gap = (rtn - r["ppl"]) / (rtn - fp32) if rtn and r["name"] != "torch fp32" and rtn > fp32 else None
+            lines.append(f"| {r['name']} | {r['ppl']:.4f} | {f'{100 * gap:.0f}%' if gap is not None else '-'} | "
+                         f"{r.get('quantize_s', 0):.1f} |" if "quantize_s" in r else
+                         f"| {r['name']} | {r['ppl']:.4f} | - | - |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smollm2", action="store_true")
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "coreml.md")
+    args = parser.parse_args()
+    work = cache_dir() / "bench-coreml"
+    tables = {"stories260K": lut_rows("stories260K", work, args.fresh)}
+    if args.smollm2:
+        tables["SmolLM2-135M"] = lut_rows("SmolLM2-135M", work, args.fresh)
+    args.out.write_text(report(tables))
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
