@@ -38,7 +38,7 @@ from bench.models import cache_dir, smollm2_dir, wikitext_lines  # noqa: E402
 from bench.smollm2 import Cells  # noqa: E402
 from squeeze import api  # noqa: E402
 from squeeze.calib import CalibConfig, load_calibration  # noqa: E402
-from squeeze.errors import SqueezeError  # noqa: E402
+from squeeze.errors import SqueezeError, VerificationError  # noqa: E402
 from squeeze.resources import DEFAULT_MODEL, default_eval_text  # noqa: E402
 
 ROUNDS = 5
@@ -142,7 +142,7 @@ def model_cells(name: str, work: Path, fresh: bool) -> list[dict]:
     for label, fn in cells:
         try:
             row = store.get(label, fn)
-        except SqueezeError as e:  # an export its own verification refused: reported, not hidden
+        except (SqueezeError, VerificationError) as e:  # an export its own verification refused: reported
             row = {"error": str(e)}
         row["name"] = label
         rows.append(row)
