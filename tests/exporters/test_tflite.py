@@ -406,3 +406,31 @@ def test_digits_cnn_int8_keeps_its_accuracy(tmp_path):
                            TFLiteExport(dynamic_range=dynamic))
         q = api.eval_report(w8.path, tmp_path / "digits.npz", reference=fp32.path, progress=False)
         assert abs(q["accuracy"] - res["accuracy"]) <= 0.01 and q["top1_agreement"] > 0.97, (dynamic, q)
+
+
+def test_w8a8_rows_whose_inputs_all_round_to_zero_verify(tmp_path):
+    """An outlier sets a large static input scale, so the other tokens' inputs all quantize to 0 and their outputs
+    are exactly 0 in torch and in LiteRT; verification counts such rows as agreeing (their cosine used to be 0,
+    which failed the export with 'cosine 0.125')."""
+    import copy
+
+    from torch import nn
+
+    import squeeze
+    from squeeze.exporters.onnx.verify import mean_cosine
+    from squeeze.exporters.tflite import export_module
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 256)
+    x[0, 0, 5] = 3000.0
+
+    class Batches:
+        def batches(self, batch_size: int = 8):
+            yield x
+
+    layer = copy.deepcopy(nn.Sequential(nn.Linear(256, 64, bias=False)).eval())
+    squeeze.quantize(layer, RTN(scheme=get_scheme("w8a8")), Batches())
+    art = export_module(layer, x, tmp_path / "outlier.tflite")
+    assert art.verification["cosine"] > 0.999
+    zero = torch.zeros(2, 4)
+    assert mean_cosine(zero, zero) == 1.0 and mean_cosine(torch.eye(2), -torch.eye(2)) == -1.0

@@ -36,10 +36,17 @@ def logits_stats(test: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"kld": float(kld), "top1_agreement": float(top1)}
 
 
+ZERO_ROW = 1e-6  # a row whose norm is below this share of the largest row's is zero (an all-zero int8 input)
+
+
 def mean_cosine(test: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean cosine similarity of the last-axis vectors."""
+    """Mean cosine similarity of the last-axis vectors; two zero vectors agree (cosine 1, not 0: a W8A8 row whose
+    inputs all quantize to 0 is zero in both)."""
     t, r = test.float().reshape(-1, test.shape[-1]), ref.float().reshape(-1, ref.shape[-1])
-    return float(F.cosine_similarity(t, r, dim=-1).mean())
+    tn, rn = t.norm(dim=-1), r.norm(dim=-1)
+    floor = ZERO_ROW * torch.maximum(tn.max(), rn.max()).clamp(min=1e-30)
+    cosine = F.cosine_similarity(t, r, dim=-1)
+    return float(torch.where((tn <= floor) & (rn <= floor), torch.ones_like(cosine), cosine).mean())
 
 
 def token_inputs(vocab_size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
