@@ -477,7 +477,8 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
 @click.option("--requantize", is_flag=True, help="Re-round a calibrated checkpoint onto a different grid (warns).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the file in its runtime and comparing with torch.")
 @click.option("--kv-cache", is_flag=True, help="onnx/tensorrt: past key/value inputs and outputs for token-by-token "
-              "decoding; tflite: also LiteRT-LM's prefill_<n> and decode signatures, the cache as inputs/outputs.")
+              "decoding; tflite: also LiteRT-LM's prefill_<n> and decode signatures, the cache as inputs/outputs; "
+              "coreml: a stateful program (the cache as Core ML states, flexible token count).")
 @click.option("--prefill-len", type=int, default=None,
               help="tflite --kv-cache: tokens per prefill call (default: 128, at most half of --seq-len).")
 @click.option("--seq-len", type=int, default=None,

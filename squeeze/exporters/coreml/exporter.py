@@ -42,6 +42,8 @@ class CoreMLExport:
 
     qtype: str | None = None  # None: fp32 for causal LMs, fp16 otherwise
     seq_len: int | None = None  # None: the model's context, at most DEFAULT_SEQ_LEN[kind]
+    # causal LMs: a stateful program (KV cache of seq_len positions as Core ML states, flexible token count)
+    kv_cache: bool = False
     verify: bool = True
 
     def __post_init__(self) -> None:
@@ -84,7 +86,7 @@ class _Hidden(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=additive).last_hidden_state
 
 
-def _exported(module: nn.Module, args: tuple):
+def _exported(module: nn.Module, args: tuple, dynamic_shapes=None):
     """torch.export of ``module`` in ATen ops, without the no-op ``alias`` nodes coremltools cannot read."""
     from torch._decomp import get_decompositions
 
@@ -92,7 +94,7 @@ def _exported(module: nn.Module, args: tuple):
     # ATen ops coremltools' frontend lacks, decomposed into ones it has (full, arange, sub, ...)
     table = get_decompositions([ops.new_ones, ops.new_zeros, ops.new_full, ops.new_empty])
     with torch.no_grad():
-        program = torch.export.export(module.eval(), args).run_decompositions(table)
+        program = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_shapes).run_decompositions(table)
     for node in list(program.graph.nodes):
         if node.op == "call_function" and node.target == torch.ops.aten.alias.default:
             node.replace_all_uses_with(node.args[0])
@@ -101,16 +103,23 @@ def _exported(module: nn.Module, args: tuple):
     return program
 
 
-def mil_program(module: nn.Module, args: tuple, precision: str, input_names: list[str]):
-    """The converted MIL program of ``module`` at ``args``' shapes."""
+def mil_program(module: nn.Module, args: tuple, precision: str, input_names: list[str], flexible: int | None = None):
+    """The converted MIL program of ``module`` at ``args``' shapes; with ``flexible`` (the stateful decoder),
+    the token count and the mask's cache length range over 1..flexible, and the cache buffers become states."""
     import coremltools as ct
 
     from squeeze.optional import native_output_kept_back
 
+    dynamic = None
+    shapes = [tuple(a.shape) for a in args]
+    if flexible is not None:
+        tokens, cached = torch.export.Dim("tokens", min=1, max=flexible), torch.export.Dim("cached", min=1, max=flexible)
+        dynamic = ({1: tokens}, {2: tokens, 3: cached})
+        shapes = [(1, ct.RangeDim(1, flexible)), (1, 1, ct.RangeDim(1, flexible), ct.RangeDim(1, flexible))]
     with native_output_kept_back():
-        inputs = [ct.TensorType(name=n, shape=a.shape, dtype=np.int32 if not a.is_floating_point() else np.float32)
-                  for n, a in zip(input_names, args)]
-        return ct.convert(_exported(module, args), convert_to="milinternal", inputs=inputs,
+        inputs = [ct.TensorType(name=n, shape=shape, dtype=np.int32 if not a.is_floating_point() else np.float32)
+                  for n, shape, a in zip(input_names, shapes, args)]
+        return ct.convert(_exported(module, args, dynamic), convert_to="milinternal", inputs=inputs,
                           minimum_deployment_target=ct.target.iOS18, compute_precision=_precision(precision))
 
 
@@ -201,13 +210,36 @@ def export_coreml(src: Path, out: Path, config: CoreMLExport, overwrite: bool = 
     weights = float_twins(model)
     eager_attention(model)
     ids = torch.randint(0, int(model.config.vocab_size), (1, seq_len), generator=torch.Generator().manual_seed(0))
+    meta = {"kind": kind, "seq_len": seq_len, "vocab_size": int(model.config.vocab_size),
+            "source": str(Path(src).resolve()), "version": __version__}
+    if config.kv_cache:
+        return _write_stateful(model, seq_len, weights, Path(out), precision, overwrite, meta, config.verify)
     if kind == "causal-lm":
         module, args, names = _Logits(model, seq_len), (ids,), ["input_ids"]
     else:
         module, args, names = _Hidden(model), (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"]
-    meta = {"kind": kind, "seq_len": seq_len, "vocab_size": int(model.config.vocab_size),
-            "source": str(Path(src).resolve()), "version": __version__}
     return _write(module, args, names, weights, Path(out), precision, overwrite, meta, config.verify)
+
+
+def _write_stateful(model, cache_len: int, weights, out: Path, precision: str, overwrite: bool, meta: dict,
+                    verify: bool) -> Artifact:
+    from squeeze.exporters.coreml.stateful import StatefulDecoder, causal_mask, check_against_model
+
+    if meta["kind"] != "causal-lm":
+        raise SqueezeError("--kv-cache applies to causal LMs (a stateful decoder); this is an encoder")
+    if cache_len < 4:
+        raise SqueezeError(f"--seq-len {cache_len} leaves no room for a KV cache; use at least 4")
+    decoder = StatefulDecoder(model, cache_len).eval()
+    prefill = max(1, cache_len // 2)
+    torch_check = check_against_model(decoder, model, meta["vocab_size"], prefill,
+                                      min(8, cache_len - 1 - prefill)) if verify else None
+    # torch.export cannot take the full cache length as a dynamic bound here (a reshape guard): one token less
+    flexible = cache_len - 1
+    ids = torch.randint(0, meta["vocab_size"], (1, prefill), generator=torch.Generator().manual_seed(0))
+    meta = {**meta, "stateful": True, "max_tokens_per_call": flexible}
+    return _write(decoder, (ids, causal_mask(prefill, prefill)), ["input_ids", "causal_mask"], weights, out,
+                  precision, overwrite, meta, verify, flexible=flexible, torch_check=torch_check,
+                  states=["key_cache", "value_cache"])
 
 
 def export_module(module: nn.Module, example_inputs, out: str | Path, config: CoreMLExport | None = None,
@@ -230,14 +262,15 @@ def export_module(module: nn.Module, example_inputs, out: str | Path, config: Co
 
 
 def _write(module, args, names, weights, out: Path, precision: str, overwrite: bool, meta: dict,
-           verify: bool) -> Artifact:
+           verify: bool, flexible: int | None = None, torch_check: dict | None = None,
+           states: list[str] = ()) -> Artifact:
     import coremltools as ct
 
     from squeeze.exporters.coreml.verify import check_package
     from squeeze.fsutil import scratch_dir
     from squeeze.optional import native_output_kept_back
 
-    program = mil_program(module, args, precision, names)
+    program = mil_program(module, args, precision, names, flexible)
     placed = place_weights(program, weights)
     kind_of = _precision_name(weights, precision)
     with native_output_kept_back():
@@ -251,8 +284,10 @@ def _write(module, args, names, weights, out: Path, precision: str, overwrite: b
         with native_output_kept_back():
             mlmodel.save(str(final))
         if verify:
-            expected = {n: tuple(a.shape) for n, a in zip(names, args)}
-            record = check_package(final, weights, placed, expected, _layer_counts(module))
+            expected = {n: None if flexible else tuple(a.shape) for n, a in zip(names, args)}
+            record = check_package(final, weights, placed, expected, _layer_counts(module), list(states))
+            if torch_check is not None:
+                record["stateful_forward_in_torch"] = torch_check
         _replace_package(final, out, overwrite, tmp_dir)
     return Artifact(out, "coreml", kind_of, _size(out), record, _notes(weights))
 

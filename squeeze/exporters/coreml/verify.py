@@ -66,13 +66,18 @@ def check_weight(op, weight: CoreMLWeight) -> None:
 
 
 def check_package(path: Path, weights: dict[str, CoreMLWeight], placed: dict[str, str],
-                  inputs: dict[str, tuple[int, ...]], layer_counts: dict[str, int]) -> dict:
-    """Open the package, read every placed weight back, check the program's structure; returns the record."""
+                  inputs: dict[str, tuple[int, ...] | None], layer_counts: dict[str, int], states: list[str] = ()
+                  ) -> dict:
+    """Open the package, read every placed weight back, check the program's structure (inputs: name -> fixed
+    shape, or None for a flexible one; the state tensors); returns the record."""
     model, program = read_program(path)
     spec = model.get_spec()
     got_inputs = {i.name: tuple(i.type.multiArrayType.shape) for i in spec.description.input}
-    if got_inputs != inputs:
+    if list(got_inputs) != list(inputs) or any(s is not None and got_inputs[n] != s for n, s in inputs.items()):
         raise VerificationError(f"the package's inputs are {got_inputs}, the model's are {inputs}")
+    got_states = [s.name for s in spec.description.state]
+    if got_states != list(states):
+        raise VerificationError(f"the package's states are {got_states}, the model needs {list(states)}")
     ops = {op.name: op for op in program.functions["main"].operations}
     for weight in weights.values():
         op = ops.get(placed[weight.layer])
@@ -87,5 +92,8 @@ def check_package(path: Path, weights: dict[str, CoreMLWeight], placed: dict[str
     constexprs = sum(op.op_type.startswith("constexpr_") for op in ops.values())
     if constexprs != len(weights):
         raise VerificationError(f"the program holds {constexprs} compressed weights, the checkpoint {len(weights)}")
-    return {"runtime": "coremltools (read back; prediction needs macOS)", "weights_checked": len(weights),
-            "inputs": {k: list(v) for k, v in got_inputs.items()}, "ops": counts}
+    record = {"runtime": "coremltools (read back; prediction needs macOS)", "weights_checked": len(weights),
+              "inputs": {k: list(v) for k, v in got_inputs.items()}, "ops": counts}
+    if states:
+        record["states"] = got_states
+    return record
