@@ -80,6 +80,8 @@ def test_float_packages(stories_dir, tmp_path):
     fp32 = api.export(stories_dir, "coreml", tmp_path / "m32.mlpackage", seq_len=SEQ)
     fp16 = api.export(stories_dir, "coreml", tmp_path / "m16.mlpackage", seq_len=SEQ, qtype="fp16")
     assert (fp32.type, fp16.type) == ("fp32", "fp16")
+    # the saved program, run by squeeze's MIL interpreter, against torch: float32 to float rounding
+    assert fp32.verification["max_rel_diff"] < 1e-5 and fp16.verification["top1_agreement"] > 0.95
     for art in (fp32, fp16):
         assert art.path.is_dir() and (art.path / "Manifest.json").is_file()
         assert art.verification["inputs"] == {"input_ids": [1, SEQ]}
@@ -97,6 +99,8 @@ def test_float_packages(stories_dir, tmp_path):
 def test_quantized_packages_hold_the_checkpoint_exactly(checkpoints, tmp_path, scheme, op, element, qtype):
     art = api.export(checkpoints[scheme], "coreml", tmp_path / "q.mlpackage", seq_len=SEQ, qtype=qtype)
     assert art.verification["weights_checked"] == 35 and art.type.endswith(qtype)
+    # the program decompresses to the checkpoint's weights: in float32 it computes torch's logits
+    assert art.verification["max_rel_diff"] < (1e-5 if qtype == "fp32" else 2e-2)
     assert set(_assert_holds_the_checkpoint(art.path, checkpoints[scheme])) == {(op, element)}
 
 
@@ -161,6 +165,8 @@ def test_kv_cache_makes_a_stateful_program_with_flexible_lengths(checkpoints, tm
     assert v["states"] == ["key_cache", "value_cache"] and list(v["inputs"]) == ["input_ids", "causal_mask"]
     assert v["stateful_forward_in_torch"]["top1_agreement"] == 1.0
     assert v["stateful_forward_in_torch"]["decode_steps_checked"] == 8 and v["weights_checked"] == 35
+    # the saved stateful program itself, interpreted: prefill, then 8 single-token calls through its states
+    assert v["decode_steps_checked"] == 8 and v["top1_agreement"] == 1.0
     _assert_holds_the_checkpoint(art.path, checkpoints["lut4g16"])
     spec = __import__("coremltools").models.MLModel(str(art.path), skip_model_load=True).get_spec()
     ranges = {i.name: [(r.lowerBound, r.upperBound) for r in i.type.multiArrayType.shapeRange.sizeRanges]
@@ -193,6 +199,7 @@ def test_plain_module_cnn(tmp_path):
     squeeze.quantize(cnn, RTN(scheme=get_scheme("w8")))
     art = export_module(cnn, torch.randn(1, 1, 8, 8), tmp_path / "cnn.mlpackage", CoreMLExport(qtype="fp32"))
     assert art.type == "int8-fp32" and art.verification["ops"]["conv"] == 1
+    assert art.verification["max_rel_diff"] < 1e-5  # interpreted: conv, relu, flatten, linears
     assert art.verification["weights_checked"] == 2 and art.verification["inputs"] == {"input_0": [1, 1, 8, 8]}
     dense, _ = _decompressed(art.path)
     layers = [m.float32_weight().numpy() for m in cnn.modules() if isinstance(m, QuantLinear)]
@@ -205,4 +212,5 @@ def test_minilm_encoder(tmp_path):
     ckpt = api.quantize_dir(src, tmp_path / "w8", RTN(scheme=get_scheme("w8")))
     art = api.export(ckpt, "coreml", tmp_path / "minilm.mlpackage")
     assert art.type == "int8-fp16" and art.verification["inputs"] == {"input_ids": [1, 128], "attention_mask": [1, 128]}
+    assert art.verification["cosine"] > 0.999  # interpreted in float16 against torch
     _assert_holds_the_checkpoint(art.path, ckpt)

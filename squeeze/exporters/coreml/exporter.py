@@ -33,6 +33,7 @@ from squeeze.exporters.coreml.weights import CoreMLWeight, content_key, dequanti
 
 COREML_TYPES = ("fp32", "fp16")
 DEFAULT_SEQ_LEN = {"causal-lm": 512, "encoder": 128}
+MASKED = -1e4  # additive mask of a padded position (exp(-1e4) is 0 in float16 and float32)
 METADATA_KEY = "squeeze"  # user-defined metadata entry: JSON with kind, seq_len, vocab_size, precision, source
 
 
@@ -75,14 +76,16 @@ class _Logits(nn.Module):
 
 class _Hidden(nn.Module):
     """input_ids, attention_mask [1, L] -> last_hidden_state; the padding mask is made additive [1, 1, 1, L] here
-    with plain arithmetic (transformers' own mask code lowers to ops coremltools lacks)."""
+    with plain arithmetic (transformers' own mask code lowers to ops coremltools lacks). The masked value is
+    -1e4, not float32's minimum: in a float16 program that is -inf, and 0 x -inf is NaN for every kept token
+    (found by the interpreter)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, attention_mask):
-        additive = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
+        additive = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * MASKED
         return self.model(input_ids=input_ids, attention_mask=additive).last_hidden_state
 
 
@@ -266,7 +269,7 @@ def _write(module, args, names, weights, out: Path, precision: str, overwrite: b
            states: list[str] = ()) -> Artifact:
     import coremltools as ct
 
-    from squeeze.exporters.coreml.verify import check_package
+    from squeeze.exporters.coreml.verify import check_package, interpreted_check
     from squeeze.fsutil import scratch_dir
     from squeeze.optional import native_output_kept_back
 
@@ -288,6 +291,13 @@ def _write(module, args, names, weights, out: Path, precision: str, overwrite: b
             record = check_package(final, weights, placed, expected, _layer_counts(module), list(states))
             if torch_check is not None:
                 record["stateful_forward_in_torch"] = torch_check
+            run = interpreted_check(final, module, args, names, logits=meta["kind"] == "causal-lm",
+                                    exact=precision == "fp32", stateful=bool(states))
+            if "skipped" in run:
+                record["interpreter"] = run["skipped"]
+            else:
+                record.update({k: v for k, v in run.items() if k != "runtime"})
+                record["runtime"] = "coremltools read-back + squeeze's MIL interpreter (Core ML itself needs macOS)"
         _replace_package(final, out, overwrite, tmp_dir)
     return Artifact(out, "coreml", kind_of, _size(out), record, _notes(weights))
 

@@ -97,3 +97,46 @@ def check_package(path: Path, weights: dict[str, CoreMLWeight], placed: dict[str
     if states:
         record["states"] = got_states
     return record
+
+
+def interpreted_check(path: Path, module, args: tuple, names: list[str], logits: bool, exact: bool,
+                      stateful: bool = False) -> dict:
+    """The saved program run by squeeze's MIL interpreter (`interpret`) against ``module`` in torch on the same
+    inputs; a stateful decoder is run as a prefill of half the window, then single-token calls. Raises
+    VerificationError when the outputs disagree; a program with an op the interpreter lacks is reported, not
+    failed."""
+    import torch
+
+    from squeeze.exporters.coreml import interpret
+    from squeeze.exporters.onnx.verify import compare
+
+    _, program = read_program(path)
+    missing = interpret.unsupported_ops(program)
+    if missing:
+        return {"skipped": f"ops the interpreter does not implement: {', '.join(missing)}"}
+    runtime = "squeeze MIL interpreter"
+    with torch.no_grad():
+        if not stateful:
+            got = interpret.run(program, {n: a.numpy() for n, a in zip(names, args)})
+            ref = module(*args)
+            refs = list(ref) if isinstance(ref, (tuple, list)) else [ref]
+            pairs = [(torch.from_numpy(np.asarray(g, np.float32)), r.float()) for g, r in zip(got, refs)]
+            return compare(pairs, exact, logits=logits, runtime=runtime)
+        from squeeze.exporters.coreml.stateful import causal_mask
+
+        ids = args[0]
+        prefill = ids.shape[1]
+        cache = module.key_cache
+        states = {"key_cache": np.zeros(cache.shape, np.float16), "value_cache": np.zeros(cache.shape, np.float16)}
+        steps = min(8, cache.shape[3] - 1 - prefill)
+        window = torch.cat([ids, torch.randint(0, int(module.model.config.vocab_size), (1, steps),
+                                               generator=torch.Generator().manual_seed(1))], dim=1)
+        parts = [interpret.run(program, {"input_ids": ids.numpy(), "causal_mask": causal_mask(prefill, prefill).numpy()},
+                               states)[0]]
+        for p in range(prefill, prefill + steps):
+            parts.append(interpret.run(program, {"input_ids": window[:, p:p + 1].numpy(),
+                                                 "causal_mask": causal_mask(1, p + 1).numpy()}, states)[0])
+        got = torch.from_numpy(np.concatenate(parts, axis=1).astype(np.float32))
+        record = compare([(got, module.model(window).logits.float())], False, logits=True, runtime=runtime)
+        record["decode_steps_checked"] = steps
+        return record
