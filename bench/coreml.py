@@ -17,7 +17,6 @@ coremltools cannot split by 16), on the same layers (every linear inside the tra
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.models import cache_dir, smollm2_dir, wikitext_lines  # noqa: E402
+from bench.models import bench_args, cache_dir, smollm2_dir, wikitext_lines  # noqa: E402
 from bench.smollm2 import Cells  # noqa: E402
 from squeeze import api  # noqa: E402
 from squeeze.calib import CalibConfig, load_calibration  # noqa: E402
@@ -250,11 +249,7 @@ def report(tables: dict[str, list[dict]], packages: dict[str, list[dict]] | None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smollm2", action="store_true")
-    parser.add_argument("--fresh", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "coreml.md")
-    args = parser.parse_args()
+    args = bench_args(__doc__, ROOT / "reports" / "coreml.md")
     work = cache_dir() / "bench-coreml"
     names = ["stories260K"] + (["SmolLM2-135M"] if args.smollm2 else [])
     tables = {name: lut_rows(name, work, args.fresh) for name in names}

@@ -135,3 +135,14 @@ def digits_cnn():
             loss.backward()
             opt.step()
     return cnn.eval(), x[test].numpy(), y[test].numpy()
+
+
+def bench_args(doc: str, report: Path):
+    """The options of a bench script that measures stories260K, and SmolLM2 with --smollm2."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (WikiText-2 test, first 300 lines)")
+    parser.add_argument("--fresh", action="store_true", help="measure again instead of reusing finished cells")
+    parser.add_argument("--out", type=Path, default=report)
+    return parser.parse_args()

@@ -20,7 +20,6 @@ milliseconds per sentence in LiteRT (batches of one, the file's 128 tokens), int
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.models import cache_dir, smollm2_dir, wikitext_lines  # noqa: E402
+from bench.models import bench_args, cache_dir, smollm2_dir, wikitext_lines  # noqa: E402
 from bench.smollm2 import Cells  # noqa: E402
 from squeeze import api  # noqa: E402
 from squeeze.calib import CalibConfig, load_calibration  # noqa: E402
@@ -256,11 +255,7 @@ def report(tables: dict[str, list[dict]], minilm: list[dict] | None = None) -> s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smollm2", action="store_true")
-    parser.add_argument("--fresh", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "tflite.md")
-    args = parser.parse_args()
+    args = bench_args(__doc__, ROOT / "reports" / "tflite.md")
     work = cache_dir() / "bench-tflite"
     tables = {"stories260K": model_cells("stories260K", work, args.fresh)}
     minilm = minilm_rows(work, args.fresh)

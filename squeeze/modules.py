@@ -109,6 +109,15 @@ class QuantLinear(nn.Module):
             x = fake_quant_activation(x, acts, self.input_scale, self.input_zero_point)
         return nn.functional.linear(x, self._weight_for(x.dtype), self.bias)
 
+    def float_linear(self) -> nn.Linear:
+        """An nn.Linear holding the float32 values of the codes (and the bias): what float graphs are built from."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(self.float32_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias.float())
+        return linear.eval()
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
 

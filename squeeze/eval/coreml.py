@@ -1,8 +1,8 @@
 """Runs an exported .mlpackage with Core ML (macOS only: coremltools' Linux wheel has no Core ML runtime).
 
-squeeze's token graphs have one fixed sequence length (the package metadata says which): a shorter window is
-padded at the end (causal attention never looks forward; an encoder's padding is masked), a longer one is
-refused, as for the TFLite runtime. Elsewhere than macOS, opening a package fails in one line saying so.
+squeeze's token graphs have one fixed sequence length (`FixedWindowGraph`), as for the TFLite runtime; a
+stateful package (--kv-cache) prefills each window into a fresh cache. Elsewhere than macOS, opening a package
+fails in one line saying so.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from squeeze.errors import SqueezeError
+from squeeze.eval.token_graph import FixedWindowGraph
 
 METADATA_KEY = "squeeze"
 
@@ -33,21 +34,15 @@ def read_metadata(path: Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
-class CoreMLRuntime:
+class CoreMLRuntime(FixedWindowGraph):
     """A .mlpackage predicted by Core ML: logits for causal LMs, hidden states for encoders."""
 
     name = "coreml"
 
     def __init__(self, model, path: Path, metadata: dict, tokenizer=None):
         self.model = model
-        self.path = path
-        self.metadata = metadata
-        self.kind = metadata.get("kind", "module")
-        self.seq_len = metadata.get("seq_len")
-        self.vocab_size = metadata.get("vocab_size")
+        self._set_metadata(path, metadata, tokenizer, sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
         self.max_context = metadata.get("max_tokens_per_call") or self.seq_len
-        self.tokenizer = tokenizer
-        self.size_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         self.input_names = list(metadata.get("inputs", []))
 
     @classmethod
@@ -71,14 +66,6 @@ class CoreMLRuntime:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self.model.predict({k: np.asarray(v) for k, v in feeds.items()})
         return {k: np.asarray(v) for k, v in out.items()}
-
-    def _windows(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.seq_len is None:
-            raise SqueezeError(f"{self.path.name} is not a token graph squeeze wrote (no sequence length in it)")
-        if input_ids.shape[1] > self.seq_len:
-            raise SqueezeError(f"{self.path.name} takes windows of at most {self.seq_len} tokens, got "
-                               f"{input_ids.shape[1]}; use --ctx {self.seq_len} (or export with a longer --seq-len)")
-        return torch.nn.functional.pad(input_ids, (0, self.seq_len - input_ids.shape[1]))
 
     def _first(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return next(iter(self.run(feeds).values()))

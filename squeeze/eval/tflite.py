@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from squeeze.errors import SqueezeError
+from squeeze.eval.token_graph import FixedWindowGraph
 
 METADATA_KEY = "squeeze"
 
@@ -37,21 +38,14 @@ def read_metadata(path: Path) -> dict:
     return {}
 
 
-class TFLiteRuntime:
+class TFLiteRuntime(FixedWindowGraph):
     """A .tflite file in the LiteRT interpreter: logits for causal LMs, hidden states for encoders."""
 
     name = "litert"
 
     def __init__(self, interpreter, path: Path, metadata: dict, tokenizer=None):
         self.interpreter = interpreter
-        self.path = path
-        self.metadata = metadata
-        self.kind = metadata.get("kind", "module")
-        self.seq_len = metadata.get("seq_len")
-        self.vocab_size = metadata.get("vocab_size")
-        self.max_context = self.seq_len
-        self.tokenizer = tokenizer
-        self.size_bytes = path.stat().st_size
+        self._set_metadata(path, metadata, tokenizer, path.stat().st_size)
         signatures = metadata.get("signatures")
         self.runner = interpreter.get_signature_runner(signatures[0] if signatures else None)
         details = self.runner.get_input_details()
@@ -144,14 +138,6 @@ class TFLiteRuntime:
             cache = {n: out[n] for n in cache}
             logits.append(out["logits"].reshape(1, 1, -1))
         return torch.from_numpy(np.concatenate(logits, axis=1).astype(np.float32))
-
-    def _windows(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.seq_len is None:
-            raise SqueezeError(f"{self.path.name} is not a token graph squeeze wrote (no sequence length in it)")
-        if input_ids.shape[1] > self.seq_len:
-            raise SqueezeError(f"{self.path.name} takes windows of at most {self.seq_len} tokens, got "
-                               f"{input_ids.shape[1]}; use --ctx {self.seq_len} (or export with a longer --seq-len)")
-        return torch.nn.functional.pad(input_ids, (0, self.seq_len - input_ids.shape[1]))
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.kind != "causal-lm":

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from squeeze.errors import SqueezeError, VerificationError
+from squeeze.errors import SqueezeError
 from squeeze.exporters import Artifact
 from squeeze.exporters.coreml.weights import CoreMLWeight, content_key, dequantized, float_twins
+from squeeze.exporters.token_graphs import eager_attention, load_token_model, token_length
 
 COREML_TYPES = ("fp32", "fp16")
-DEFAULT_SEQ_LEN = {"causal-lm": 512, "encoder": 128}
 MASKED = -1e4  # additive mask of a padded position (exp(-1e4) is 0 in float16 and float32)
 METADATA_KEY = "squeeze"  # user-defined metadata entry: JSON with kind, seq_len, vocab_size, precision, source
 
@@ -186,28 +186,12 @@ def _uint_dtype(types, bits: int):
             6: types.np_uint6_dtype, 8: np.uint8}[bits]
 
 
-def token_length(model: nn.Module, kind: str, seq_len: int | None) -> int:
-    ctx = getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN[kind]
-    if seq_len is not None and seq_len > ctx:
-        raise SqueezeError(f"--seq-len {seq_len} is longer than the model's context ({ctx} tokens)")
-    return int(seq_len or min(ctx, DEFAULT_SEQ_LEN[kind]))
-
-
 def export_coreml(src: Path, out: Path, config: CoreMLExport, overwrite: bool = False) -> Artifact:
     """Export the model directory ``src`` (float, or a squeeze checkpoint) to the .mlpackage ``out``."""
     from squeeze import __version__
-    from squeeze.api import load
-    from squeeze.exporters.onnx.graphs import model_kind
-    from squeeze.exporters.tflite.exporter import eager_attention
-    from squeeze.model import nonfinite_tensors, refuse_nonfinite
 
     require_coremltools()
-    model = load(src, "float32").eval()
-    kind = model_kind(model)
-    if kind == "module":
-        raise SqueezeError(f"{str(src)!r} is neither a causal LM nor an encoder; export plain modules with "
-                           "squeeze.exporters.coreml.export_module")
-    refuse_nonfinite(nonfinite_tensors(model.state_dict().items()), str(src))
+    model, kind = load_token_model(src, "coreml")
     seq_len = token_length(model, kind, config.seq_len)
     precision = config.qtype or ("fp32" if kind == "causal-lm" else "fp16")
     weights = float_twins(model)

@@ -28,11 +28,9 @@ from squeeze.errors import SqueezeError, VerificationError
 from squeeze.exporters import Artifact
 from squeeze.exporters.tflite import flatbuf
 from squeeze.exporters.tflite.weights import Twins, float_twins
+from squeeze.exporters.token_graphs import eager_attention, load_token_model, token_length
 
 TFLITE_TYPES = ("fp32", "fp16")
-# default fixed length of a token graph (at most the model's context): causal LMs score windows of 512,
-# encoders embed sentences of at most 128 tokens (squeeze.eval.embeddings.MAX_TOKENS, sentence-transformers' usual)
-DEFAULT_SEQ_LEN = {"causal-lm": 512, "encoder": 128}
 DEFAULT_PREFILL_LEN = 128  # LiteRT-LM's usual prefill signature
 SCORING_SIGNATURE = "serving_default"  # the whole-window logits graph, beside prefill/decode in a --kv-cache file
 METADATA_KEY = "squeeze"  # the file's metadata entry: JSON with kind, seq_len, vocab_size, precision, source
@@ -90,27 +88,12 @@ class _Hidden(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def token_length(model: nn.Module, kind: str, seq_len: int | None) -> int:
-    ctx = getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN[kind]
-    if seq_len is not None and seq_len > ctx:
-        raise SqueezeError(f"--seq-len {seq_len} is longer than the model's context ({ctx} tokens)")
-    return int(seq_len or min(ctx, DEFAULT_SEQ_LEN[kind]))
-
-
 def graph_for(model: nn.Module, kind: str, seq_len: int) -> tuple[nn.Module, tuple]:
     """The module litert-torch converts and its example inputs (fixed shapes)."""
     ids = torch.randint(0, int(model.config.vocab_size), (1, seq_len), generator=torch.Generator().manual_seed(0))
     if kind == "causal-lm":
         return _Logits(model).eval(), (ids,)
     return _Hidden(model).eval(), (ids, torch.ones_like(ids))
-
-
-def eager_attention(model: nn.Module) -> None:
-    """Eager attention everywhere (litert-torch does not lower scaled_dot_product_attention's fused form)."""
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
-    elif getattr(model, "config", None) is not None:
-        model.config._attn_implementation = "eager"
 
 
 def convert(module: nn.Module, args: tuple, signatures: list[tuple[str, nn.Module, dict]] = ()) -> bytes:
@@ -243,16 +226,9 @@ def export_tflite(src: Path, out: Path, config: TFLiteExport, overwrite: bool = 
     """Export the model directory ``src`` (float, or a squeeze checkpoint) to the .tflite file ``out``."""
     from squeeze import __version__
     from squeeze.api import load
-    from squeeze.exporters.onnx.graphs import model_kind
-    from squeeze.model import nonfinite_tensors, refuse_nonfinite
 
     require_litert()
-    model = load(src, "float32").eval()
-    kind = model_kind(model)
-    if kind == "module":
-        raise SqueezeError(f"{str(src)!r} is neither a causal LM nor an encoder; export plain modules with "
-                           "squeeze.exporters.tflite.export_module")
-    refuse_nonfinite(nonfinite_tensors(model.state_dict().items()), str(src))
+    model, kind = load_token_model(src, "tflite")
     seq_len = token_length(model, kind, config.seq_len)
     reference = load(src, "float32").eval() if config.verify else None
     if config.kv_cache and kind != "causal-lm":

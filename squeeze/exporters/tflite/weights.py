@@ -125,10 +125,5 @@ def float_twins(model: nn.Module) -> Twins:
             inputs[name] = found
     floats = {name: layer.float32_weight().numpy() for name, layer in layers}
     for name, layer in layers:
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(layer.float32_weight())
-            if layer.bias is not None:
-                linear.bias.copy_(layer.bias.float())
-        set_submodule(model, name, linear.eval())
+        set_submodule(model, name, layer.float_linear())
     return Twins(weights, floats, inputs, kept_float)
