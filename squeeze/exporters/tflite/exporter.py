@@ -249,7 +249,8 @@ def export_tflite(src: Path, out: Path, config: TFLiteExport, overwrite: bool = 
             "source": str(Path(src).resolve()), "version": __version__}
     if signatures:
         meta.update(signatures=[SCORING_SIGNATURE] + [name for name, _, _ in signatures], prefill_len=prefill)
-    check = (TokenCheck(kind, int(model.config.vocab_size), seq_len, prefill if signatures else None)
+    check = (TokenCheck(kind, int(model.config.vocab_size), seq_len, prefill if signatures else None,
+                        text_tokens(src, seq_len + max(1, seq_len // 3)) if kind == "causal-lm" else None)
              if config.verify else None)
     return _write(module, args, twins, out, config, overwrite, meta, check, reference, signatures)
 
@@ -313,23 +314,45 @@ def _precision(twins: Twins, config: TFLiteExport) -> str:
     return "+".join(f"int{b}" for b in bits) + ("-dynamic" if dynamic else "")
 
 
+def text_tokens(src: Path, n: int) -> torch.Tensor | None:
+    """``n`` tokens of the bundled calibration text in the model's tokenizer (None without a tokenizer or text).
+
+    A causal LM is verified on text: on random tokens its predictions are near ties, and TFLite's dynamic-range
+    kernels (int8 activations per row, the only kernels for int4) flip them. SmolLM2-135M GPTQ w4g32 in LiteRT
+    agrees with torch on 74.5% of random tokens and 94.1% of text tokens, at 1.4% higher perplexity."""
+    from squeeze.model import load_tokenizer
+    from squeeze.resources import default_calibration_text
+
+    try:
+        ids = load_tokenizer(src)(default_calibration_text().read_text()[: 40 * n])["input_ids"]
+    except Exception:  # no tokenizer in the directory: random tokens
+        return None
+    return torch.tensor(ids[:n])[None] if len(ids) >= n else None
+
+
 class TokenCheck:
-    """Seeded token windows of the graph's length through the interpreter and through torch; with
-    ``prefill_len``, also the prefill and decode signatures: a window's first ``prefill_len`` tokens prefilled
-    into the cache, then the next tokens decoded one by one, each step's logits against torch's at that
-    position."""
+    """Token windows of the graph's length (the bundled text for causal LMs, else seeded random tokens) through
+    the interpreter and through torch; with ``prefill_len``, also the prefill and decode signatures: a window's
+    first ``prefill_len`` tokens prefilled into the cache, then the next tokens decoded one by one, each step's
+    logits against torch's at that position."""
 
     decode_steps = 8
 
-    def __init__(self, kind: str, vocab_size: int, seq_len: int, prefill_len: int | None = None):
+    def __init__(self, kind: str, vocab_size: int, seq_len: int, prefill_len: int | None = None,
+                 tokens: torch.Tensor | None = None):
         self.kind, self.vocab_size, self.seq_len, self.prefill_len = kind, vocab_size, seq_len, prefill_len
+        self.tokens = tokens
 
     def run(self, path: Path, reference: nn.Module, exact: bool) -> dict:
         from squeeze.eval.tflite import TFLiteRuntime
         from squeeze.exporters.onnx.verify import compare
 
         gen = torch.Generator().manual_seed(0)
-        windows = [torch.randint(0, self.vocab_size, (1, n), generator=gen) for n in (self.seq_len, max(1, self.seq_len // 3))]
+        lengths = (self.seq_len, max(1, self.seq_len // 3))
+        if self.tokens is not None:
+            windows = [self.tokens[:, :lengths[0]], self.tokens[:, lengths[0]:lengths[0] + lengths[1]]]
+        else:
+            windows = [torch.randint(0, self.vocab_size, (1, n), generator=gen) for n in lengths]
         runtime = TFLiteRuntime.from_path(path)
         got = [runtime.logits(w) if self.kind == "causal-lm" else runtime.hidden(w) for w in windows]
         steps = 0
