@@ -237,7 +237,9 @@ def report(tables: dict[str, list[dict]], packages: dict[str, list[dict]] | None
                   "and compute in float16). Every package was read back at export: weights checked = constexpr "
                   "weights equal to the checkpoint's codes, scales, zero points and tables bit for bit. LMs at their "
                   "bench window (stories260K 256, SmolLM2 512 tokens), MiniLM at 128 tokens, the CNN at 1x1x8x8 "
-                  "(its two convolutions stay float: squeeze quantizes linear layers).", "",
+                  "(its two convolutions stay float: squeeze quantizes linear layers). SmolLM2-135M is not in this "
+                  "table yet: its float16 program overflows (the export's MIL interpreter found top-1 agreement 0% "
+                  "against torch and refused it); float32 compute or float32 norms come first.", "",
                   "| model | package | type | bytes | x fp16 | weights checked |", "|---|---|---|---|---|---|"]
         for name, rows in packages.items():
             base = next(r["bytes"] for r in rows if r["name"] == "fp16")
@@ -253,7 +255,9 @@ def main() -> None:
     work = cache_dir() / "bench-coreml"
     names = ["stories260K"] + (["SmolLM2-135M"] if args.smollm2 else [])
     tables = {name: lut_rows(name, work, args.fresh) for name in names}
-    packages = {name: package_rows(name, work, args.fresh) for name in names + ["all-MiniLM-L6-v2", "digits CNN"]}
+    # SmolLM2's packages are not in the table yet: its float16 program overflows (the export's MIL interpreter
+    # measured top-1 agreement 0% against torch and refused it), so it needs float32 norms first
+    packages = {name: package_rows(name, work, args.fresh) for name in ["stories260K", "all-MiniLM-L6-v2", "digits CNN"]}
     args.out.write_text(report(tables, packages))
     print(args.out.read_text())
 
