@@ -222,8 +222,6 @@ def run(program, feeds: dict[str, np.ndarray], states: dict[str, np.ndarray] | N
         elif op.op_type == "coreml_update_state":
             states[args["state"]] = out = np.asarray(args["value"]).astype(np.float16)
         else:
-            if op.op_type == "cast":
-                args["x"] = np.asarray(args["x"])
             out = OPS[op.op_type](args)
         dtype = _dtype(op.outputs[0])
         values[op.outputs[0].name] = np.asarray(out).astype(dtype) if dtype is not None else out
