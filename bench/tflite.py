@@ -5,7 +5,7 @@
     python bench/tflite.py --fresh      # measure again instead of reusing finished cells
 
 For each model: the float model exported by squeeze (fp32); squeeze's GPTQ checkpoints exported with their
-own codes (int8 per channel, weight-only and dynamic-range; int4 blockwise), and a W8A8 checkpoint (RTN w8a8,
+own codes (int8 per channel and int4 blockwise, each weight-only and dynamic-range), and a W8A8 checkpoint (RTN w8a8,
 static input scales from the same windows); and the peer, ai-edge-quantizer,
 applied to the same fp32 .tflite with its recipes dynamic_wi8_afp32, dynamic int4 blockwise-32
 (the issue's dynamic_wi4b32_afp32) and static_wi8_ai8 calibrated on the same windows GPTQ saw. Every file is
@@ -137,7 +137,9 @@ def model_cells(name: str, work: Path, fresh: bool) -> list[dict]:
               ("squeeze gptq w8 weight-only", lambda: export("gptq-w8", ckpts["w8"]())),
               ("squeeze gptq w8 dynamic-range", lambda: export("gptq-w8-dr", ckpts["w8"](), dynamic_range=True)),
               (f"torch gptq {int4}", lambda: {"ppl": ppl(ckpts[int4]()), "bytes": None}),
-              (f"squeeze gptq {int4}", lambda: export(f"gptq-{int4}", ckpts[int4]()))]
+              (f"squeeze gptq {int4} weight-only", lambda: export(f"gptq-{int4}", ckpts[int4]())),
+              (f"squeeze gptq {int4} dynamic-range",
+               lambda: export(f"gptq-{int4}-dr", ckpts[int4](), dynamic_range=True))]
     for label, fn in cells:
         try:
             row = store.get(label, fn)
@@ -228,7 +230,9 @@ def report(tables: dict[str, list[dict]], minilm: list[dict] | None = None) -> s
              "Made by `python bench/tflite.py` (`--smollm2` for SmolLM2). Perplexity by `squeeze eval` in the LiteRT "
              "interpreter (ai-edge-litert, XNNPACK, 2 threads) on windows of the file's length; torch rows are the "
              "same weights in torch. Window = median seconds of one full window in LiteRT, interleaved rounds; "
-             "x fp32 = that time over squeeze's fp32 file's, in the same run.", ""]
+             "x fp32 = that time over squeeze's fp32 file's, in the same run. Weight-only files compute in float on "
+             "the exact weights (TFLite dequantizes them once, at the first run: float32 weights in memory); "
+             "dynamic-range files keep int8/int4 weights and quantize activations to int8 per row at run time.", ""]
     for name, rows in tables.items():
         base = next((r["window_s"] for r in rows if r["name"] == "squeeze fp32"), None)
         lines += [f"## {name}", "", "| file | ppl | bytes | window s | x fp32 |", "|---|---|---|---|---|"]

@@ -52,9 +52,13 @@ def test_fp32_equals_torch_and_scores_the_same(stories_dir, short_text, tmp_path
     assert abs(lite_ppl / torch_ppl - 1) < 1e-3  # acceptance: fp32 within 0.1% of torch
 
 
-def test_int4_blockwise_holds_the_gptq_codes_and_scales_exactly(gptq_dirs, short_text, tmp_path):
+@pytest.mark.parametrize("dynamic", [False, True], ids=["weight-only", "dynamic-range"])
+def test_int4_blockwise_holds_the_gptq_codes_and_scales_exactly(gptq_dirs, short_text, tmp_path, dynamic):
     ckpt = gptq_dirs["w4g32"]
-    art = api.export(ckpt, "tflite", tmp_path / "w4.tflite", seq_len=SEQ)
+    art = api.export(ckpt, "tflite", tmp_path / "w4.tflite", seq_len=SEQ, dynamic_range=dynamic)
+    assert art.type == ("int4-dynamic" if dynamic else "int4")
+    if not dynamic:  # float arithmetic on the exact weights: torch's result
+        assert art.verification["max_rel_diff"] < 1e-4
     model = api.load(ckpt)
     held = _file_weights(art.path)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -75,7 +79,7 @@ def test_int4_blockwise_runs_with_the_optimized_builtin_kernels_but_not_the_refe
     """The trap the issue names: TFLite's reference kernels return zeros for blockwise int4 weights."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    art = api.export(gptq_dirs["w4g32"], "tflite", tmp_path / "w4.tflite", seq_len=SEQ)
+    art = api.export(gptq_dirs["w4g32"], "tflite", tmp_path / "w4.tflite", seq_len=SEQ, dynamic_range=True)
     ids = np.random.default_rng(0).integers(0, 512, (1, SEQ)).astype(np.int32)
     outs = {}
     for resolver in (OpResolverType.AUTO, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES, OpResolverType.BUILTIN_REF):
@@ -86,6 +90,33 @@ def test_int4_blockwise_runs_with_the_optimized_builtin_kernels_but_not_the_refe
     # XNNPACK and the optimized builtin kernels quantize activations slightly differently: same model
     assert (default.argmax(-1) == builtin.argmax(-1)).mean() > 0.9
     assert (reference.argmax(-1) == default.argmax(-1)).mean() < 0.5  # zero-weight FCs: not the model
+
+
+def test_int4_weight_only_is_per_block_rows_that_every_resolver_computes(gptq_dirs, tmp_path):
+    """Weight-only int4: each block a per-channel int4 row, DEQUANTIZEd and reshaped to the layer; unlike the
+    blockwise tensor, the reference kernels compute it too, and every resolver gives torch's logits."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from squeeze.exporters.tflite import flatbuf
+
+    ckpt = gptq_dirs["w4g32"]
+    art = api.export(ckpt, "tflite", tmp_path / "w4.tflite", seq_len=SEQ)
+    graph = flatbuf.read(art.path.read_bytes())
+    fb = flatbuf.schema()
+    sg = graph.subgraphs[0]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    (t, tensor), = [(i, x) for i, x in enumerate(sg.tensors) if x.name == name.encode()]
+    assert tensor.type == fb.TensorType.INT4 and list(tensor.shape) == [64 * 2, 32]  # 64 rows x 2 blocks of 32
+    assert len(tensor.quantization.scale) == 128 and not any(tensor.quantization.zeroPoint)
+    ops = [flatbuf.op_name(graph, op) for op in sg.operators if t in op.inputs]
+    assert ops == ["DEQUANTIZE"]
+    ids = torch.randint(0, 512, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = api.load(ckpt)(ids).logits.numpy()
+    for resolver in (OpResolverType.AUTO, OpResolverType.BUILTIN_REF):
+        it = Interpreter(model_path=str(art.path), experimental_op_resolver_type=resolver)
+        got = next(iter(it.get_signature_runner()(args_0=ids.numpy().astype(np.int32)).values()))
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), resolver
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["weight-only", "dynamic-range"])
@@ -205,8 +236,15 @@ def test_kv_cache_prefill_and_decode_signatures_carry_the_codes(gptq_dirs, short
     graph = flatbuf.read(art.path.read_bytes())
     int4 = flatbuf.schema().TensorType.INT4
     for sg in graph.subgraphs:  # no signature keeps a float copy of a layer squeeze holds as int4
+        made_by = {int(o): op for op in sg.operators for o in op.outputs}
+
+        def source(t):  # the constant behind a weight input, through DEQUANTIZE / RESHAPE
+            op = made_by.get(t)
+            return t if op is None or flatbuf.op_name(graph, op) not in ("DEQUANTIZE", "RESHAPE") else \
+                source(int(op.inputs[0]))
+
         fcs = [op for op in sg.operators if flatbuf.op_name(graph, op) == "FULLY_CONNECTED"]
-        assert sum(sg.tensors[op.inputs[1]].type == int4 for op in fcs) >= 25, sg.name
+        assert sum(sg.tensors[source(int(op.inputs[1]))].type == int4 for op in fcs) >= 25, sg.name
     ids = torch.randint(0, 512, (1, 28), generator=torch.Generator().manual_seed(3))
     decoded = runtime.prefill_decode(ids, 16)
     with torch.no_grad():

@@ -41,8 +41,10 @@ class TFLiteExport:
     """What to write: float type of the float tensors, how int8 layers compute, the token graphs' length."""
 
     qtype: str = "fp32"
-    # int8 layers: float arithmetic on the exact weights (DEQUANTIZE, weight-only), or TFLite's dynamic-range
-    # kernels (activations quantized to int8 per row at run time). Blockwise int4 is always dynamic-range.
+    # int8/int4 layers: float arithmetic on the exact weights (DEQUANTIZE, weight-only: the checkpoint's
+    # torch result; dequantized once, so float32 weights in memory at run time), or TFLite's dynamic-range
+    # kernels (activations quantized to int8 per row at run time; int4 stays int4 in memory and the file is
+    # smaller: blockwise float16 scales instead of per-block float32 scales and int64 zero points)
     dynamic_range: bool = False
     seq_len: int | None = None  # None: the model's context, at most DEFAULT_SEQ_LEN[kind]
     # causal LMs: also the signatures LiteRT-LM runs, prefill_<prefill_len> and decode, with the KV cache of
@@ -152,13 +154,14 @@ def place_weights(model, twins: Twins, config: TFLiteExport) -> list[str]:
             where = found.pop(scaled[0])
             flatbuf.scale_input(model, where, scaled[1])
             unfolded += 1
-        if weight.bits == 4:  # blockwise: float16 scales XNNPACK must accept
+        inputs = twins.inputs.get(name)
+        direct = config.dynamic_range or (inputs is not None and not inputs.static)
+        if weight.bits == 4 and direct:  # TFLite's blockwise int4: float16 scales XNNPACK must accept
             scales, n = flatbuf.safe_block_scales(weight.scales)
             raised += n
             weight = flatbuf.IntWeight(weight.name, weight.levels, scales, weight.bits)
-        flatbuf.place_int_weight(model, where, weight)
-        inputs = twins.inputs.get(name)
-        direct = weight.bits == 4 or config.dynamic_range or (inputs is not None and not inputs.static)
+        block_rows = weight.bits == 4 and not direct
+        flatbuf.place_int_weight(model, where, weight, block_rows=block_rows)
         if inputs is not None and inputs.static:
             flatbuf.integer_matmul(model, where, weight, inputs.scale, inputs.zero_point)
             how = " W8A8 (static int8 inputs at the checkpoint's scale, int8 x int8 -> int32 matmul)"
@@ -167,9 +170,11 @@ def place_weights(model, twins: Twins, config: TFLiteExport) -> list[str]:
             flatbuf.set_fc_option(model, where, asymmetric_inputs=inputs is None or not inputs.symmetric)
             how = " dynamic-range" + (" (the scheme's dynamic int8 activations)" if inputs is not None else "")
         else:
-            flatbuf.dequantize_in_front(model, where)
-            how = " weight-only"
-        kind = f"int{weight.bits} " + ("per-channel" if weight.bits == 8 else f"blockwise b{weight.group}") + how
+            flatbuf.dequantize_in_front(model, where, weight.levels.shape)
+            how = " weight-only" + (" (blocks stored as per-channel int4 rows, reshaped after DEQUANTIZE)"
+                                    if block_rows and weight.scales.shape[1] > 1 else "")
+        per_channel = weight.scales.shape[1] == 1
+        kind = f"int{weight.bits} " + ("per-channel" if per_channel else f"blockwise b{weight.group}") + how
         kinds[kind] = kinds.get(kind, 0) + 1
     if config.qtype == "fp16":
         for where in found.values():  # the float FULLY_CONNECTED weights left
@@ -237,7 +242,7 @@ def export_tflite(src: Path, out: Path, config: TFLiteExport, overwrite: bool = 
     if config.kv_cache and prefill >= seq_len:
         raise SqueezeError(f"--prefill-len {prefill} leaves no room to decode in a cache of {seq_len} tokens "
                            "(--seq-len)")
-    twins = float_twins(model)
+    twins = float_twins(model, config.dynamic_range)
     eager_attention(model)
     module, args = graph_for(model, kind, seq_len)
     signatures = []
@@ -269,7 +274,7 @@ def export_module(module: nn.Module, example_inputs, out: str | Path, config: TF
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     reference = module.eval()
     model = copy.deepcopy(reference)
-    twins = float_twins(model)
+    twins = float_twins(model, config.dynamic_range)
     meta = {"kind": "module", "version": __version__}
     check = ModuleCheck(args) if config.verify else None
     return _write(model.eval(), args, twins, out, config, overwrite, meta, check, reference)
@@ -295,8 +300,7 @@ def _write(module, args, twins: Twins, out, config, overwrite, meta, check, refe
         final.write_bytes(raw)
         if check is not None:
             exact = not weights and config.qtype == "fp32"
-            weight_only = (not config.dynamic_range and not twins.inputs
-                           and all(w.bits == 8 for w in weights.values()))
+            weight_only = not config.dynamic_range and not twins.inputs
             record = check.run(final, reference, exact=exact or (weight_only and config.qtype == "fp32"))
         if out.exists() and not overwrite:
             raise SqueezeError(f"output {str(out)!r} appeared while writing; pass --overwrite to replace it")
@@ -318,7 +322,7 @@ def text_tokens(src: Path, n: int) -> torch.Tensor | None:
     """``n`` tokens of the bundled calibration text in the model's tokenizer (None without a tokenizer or text).
 
     A causal LM is verified on text: on random tokens its predictions are near ties, and TFLite's dynamic-range
-    kernels (int8 activations per row, the only kernels for int4) flip them. SmolLM2-135M GPTQ w4g32 in LiteRT
+    kernels (int8 activations per row) flip them. SmolLM2-135M GPTQ w4g32 in LiteRT
     agrees with torch on 74.5% of random tokens and 94.1% of text tokens, at 1.4% higher perplexity."""
     from squeeze.model import load_tokenizer
     from squeeze.resources import default_calibration_text

@@ -6,14 +6,19 @@ bytes, which is how it is found again here (by content, in every signature's sub
 replaced by the checkpoint's own codes and scales, never re-rounded:
 
 - int8 per channel: an INT8 tensor with per-channel float32 scales (float16 values, exactly);
-- int4 (2-4 bit symmetric codes) per block of ``group`` input columns: an INT4 tensor (two codes per byte, low
-  nibble first) with TFLite's BlockwiseQuantization, float16 scales [out, in / group];
+- int4 (2-4 bit symmetric codes) per block of ``group`` input columns, two ways:
+  * for TFLite's int4 kernels (dynamic-range): an INT4 tensor (two codes per byte, low nibble first) with
+    TFLite's BlockwiseQuantization, float16 scales [out, in / group];
+  * for float arithmetic (weight-only): the same bytes as an INT4 tensor of shape [out * in / group, group],
+    one row per block, quantized per channel (a float32 scale and an int64 zero point per block, TFLite's
+    per-channel format), a DEQUANTIZE and a RESHAPE to [out, in] in front of the FULLY_CONNECTED;
 - float16: a FLOAT16 constant.
 
 How the FULLY_CONNECTED reads it: a DEQUANTIZE op in front (float arithmetic on the exact weights:
-weight-only), or directly (TFLite's hybrid / dynamic-range kernels: activations quantized to int8 per row at
-run time). Blockwise int4 can only be read directly: TFLite's DEQUANTIZE returns zeros for it (measured,
-ai-edge-litert 2.3). A layer with static int8 inputs (W8A8) is rewritten as an integer matmul, `integer_matmul`.
+weight-only; TFLite dequantizes a constant once, at the first run), or directly (TFLite's hybrid /
+dynamic-range kernels: activations quantized to int8 per row at run time). Blockwise int4 can only be read
+directly: TFLite's DEQUANTIZE returns zeros for it (measured, ai-edge-litert 2.3), hence the per-block rows.
+A layer with static int8 inputs (W8A8) is rewritten as an integer matmul, `integer_matmul`.
 """
 
 from __future__ import annotations
@@ -141,19 +146,25 @@ def safe_block_scales(scales: np.ndarray) -> tuple[np.ndarray, int]:
     return np.where(bad, np.where(s < 0, -MIN_NORMAL_FP16, MIN_NORMAL_FP16), s).astype(np.float16), int(bad.sum())
 
 
-def place_int_weight(model, where: list[tuple[int, int]], weight: IntWeight) -> None:
-    """Replace the float weight tensors at ``where`` (one buffer) by ``weight``'s codes and scales."""
+def place_int_weight(model, where: list[tuple[int, int]], weight: IntWeight, block_rows: bool = False) -> None:
+    """Replace the float weight tensors at ``where`` (one buffer) by ``weight``'s codes and scales.
+
+    4-bit codes are TFLite's blockwise tensor (read by its int4 kernels), or with ``block_rows`` one row per
+    block quantized per channel (for `dequantize_in_front`, which reshapes it back)."""
     fb = schema()
     first = model.subgraphs[where[0][0]].tensors[where[0][1]]
     if weight.bits == 8:
         data = weight.levels.astype(np.int8)
     else:
-        data = pack_int4(weight.levels)
+        data = pack_int4(weight.levels)  # row-major: the same bytes whether rows are channels or blocks
     model.buffers[first.buffer].data = np.frombuffer(data.tobytes(), dtype=np.uint8)
-    # int4 is always blockwise (a per-channel int4 layer: one block per row): TFLite's builtin hybrid kernels
-    # compute per-channel int4 wrongly (measured, ai-edge-litert 2.3), its blockwise path is right
-    blockwise = weight.bits == 4 or weight.scales.shape[1] > 1
+    # int4 for the kernels is always blockwise (a per-channel int4 layer: one block per row): TFLite's builtin
+    # hybrid kernels compute per-channel int4 wrongly (measured, ai-edge-litert 2.3), its blockwise path is right
+    blockwise = not block_rows and (weight.bits == 4 or weight.scales.shape[1] > 1)
+    if block_rows and weight.bits == 8 and weight.scales.shape[1] > 1:
+        raise ValueError("int8 weights are per channel")
     scale_buffer = add_buffer(model, weight.scales.astype(np.float16)) if blockwise else None
+    rows, cols = weight.levels.shape
     for s, t in where:
         sg = model.subgraphs[s]
         tensor = sg.tensors[t]
@@ -161,9 +172,10 @@ def place_int_weight(model, where: list[tuple[int, int]], weight: IntWeight) -> 
         tensor.type = fb.TensorType.INT8 if weight.bits == 8 else fb.TensorType.INT4
         q = fb.QuantizationParametersT()
         q.quantizedDimension = 0
-        if scale_buffer is None:  # per channel
-            q.scale = weight.scales[:, 0].astype(np.float32)
+        if scale_buffer is None:  # per channel, or per block as rows
+            q.scale = weight.scales.reshape(-1).astype(np.float32)
             q.zeroPoint = np.zeros(len(q.scale), dtype=np.int64)
+            tensor.shape = [len(q.scale), rows * cols // len(q.scale)]
         else:
             details = fb.BlockwiseQuantizationT()
             details.scales = _add_tensor(sg, weight.name.encode() + b".scales", fb.TensorType.FLOAT16,
@@ -202,33 +214,59 @@ def _opcode(model, builtin: int) -> int:
     return len(model.operatorCodes) - 1
 
 
-def dequantize_in_front(model, where: list[tuple[int, int]]) -> None:
-    """A DEQUANTIZE op (constant -> float32) in front of every consumer of the tensors at ``where``."""
+def dequantize_in_front(model, where: list[tuple[int, int]], shape: tuple[int, int] | None = None) -> None:
+    """A DEQUANTIZE op (constant -> float32) in front of every consumer of the tensors at ``where``, and a
+    RESHAPE to ``shape`` after it when the constant is stored in another shape (int4 blocks as rows)."""
     fb = schema()
-    code = _opcode(model, fb.BuiltinOperator.DEQUANTIZE)
     for s, t in where:
         sg = model.subgraphs[s]
         tensor = sg.tensors[t]
-        out = _add_tensor(sg, tensor.name + b".dequantized", fb.TensorType.FLOAT32, tensor.shape, 0)
+        stored = [int(d) for d in tensor.shape]
+        target = stored if shape is None else [int(d) for d in shape]
+        out = _add_tensor(sg, tensor.name + b".dequantized", fb.TensorType.FLOAT32, target, 0)
         for op in sg.operators:
             op.inputs = np.asarray([out if i == t else i for i in op.inputs], dtype=np.int32)
-        dq = fb.OperatorT()
-        dq.opcodeIndex, dq.inputs, dq.outputs = code, np.asarray([t], np.int32), np.asarray([out], np.int32)
-        sg.operators.insert(0, dq)
+        if target == stored:
+            ops = [_op(model, fb.BuiltinOperator.DEQUANTIZE, [t], [out])]
+        else:
+            flat = _add_tensor(sg, tensor.name + b".blocks", fb.TensorType.FLOAT32, stored, 0)
+            shape_c = _add_tensor(sg, tensor.name + b".shape", fb.TensorType.INT32, [len(target)],
+                                  add_buffer(model, np.asarray(target, np.int32)))
+            opt = fb.ReshapeOptionsT()
+            opt.newShape = target
+            ops = [_op(model, fb.BuiltinOperator.DEQUANTIZE, [t], [flat]),
+                   _op(model, fb.BuiltinOperator.RESHAPE, [flat, shape_c], [out], fb.BuiltinOptions.ReshapeOptions,
+                       opt)]
+        sg.operators[0:0] = ops
+
+
+def _reshaped_after_dequantize(model, sg) -> dict[int, list[int]]:
+    """Constant tensor index -> the shape a DEQUANTIZE + RESHAPE in front of a layer gives it (int4 block rows)."""
+    dq, out = {}, {}
+    for op in sg.operators:
+        name = op_name(model, op)
+        if name == "DEQUANTIZE":
+            dq[int(op.outputs[0])] = int(op.inputs[0])
+        elif name == "RESHAPE" and int(op.inputs[0]) in dq:
+            out[dq[int(op.inputs[0])]] = [int(d) for d in sg.tensors[int(op.outputs[0])].shape]
+    return out
 
 
 def read_int_weights(model) -> dict[str, IntWeight]:
-    """Every INT8/INT4 constant with per-channel or blockwise scales, by tensor name (what the file holds)."""
+    """Every INT8/INT4 constant with per-channel or blockwise scales, by tensor name (what the file holds), in
+    the layer's shape [out, in] (int4 block rows are read back into their layer)."""
     fb = schema()
     out: dict[str, IntWeight] = {}
     for sg in model.subgraphs:
-        for tensor in sg.tensors:
+        reshaped = _reshaped_after_dequantize(model, sg)
+        for t, tensor in enumerate(sg.tensors):
             if tensor.type not in (fb.TensorType.INT8, fb.TensorType.INT4) or tensor.quantization is None:
                 continue
             raw = buffer_bytes(model, tensor)
             if raw is None:
                 continue
-            rows, cols = int(tensor.shape[0]), int(np.prod(tensor.shape[1:]))
+            stored = int(tensor.shape[0])
+            rows, cols = reshaped.get(t, [stored, int(np.prod(tensor.shape[1:]))])
             data = np.frombuffer(raw, dtype=np.uint8)
             if tensor.type == fb.TensorType.INT8:
                 levels, bits = data.view(np.int8).reshape(rows, cols), 8
@@ -239,8 +277,8 @@ def read_int_weights(model) -> dict[str, IntWeight]:
                 scale_tensor = sg.tensors[q.details.scales]
                 scales = np.frombuffer(buffer_bytes(model, scale_tensor), dtype=np.float16).reshape(
                     rows, cols // q.details.blockSize)
-            elif q.scale is not None and len(q.scale) == rows:
-                scales = np.asarray(q.scale, dtype=np.float32).astype(np.float16)[:, None]
+            elif q.scale is not None and len(q.scale) == stored and stored % rows == 0:
+                scales = np.asarray(q.scale, dtype=np.float32).astype(np.float16).reshape(rows, stored // rows)
             else:
                 continue
             out[tensor.name.decode()] = IntWeight(tensor.name.decode(), levels, scales, bits)

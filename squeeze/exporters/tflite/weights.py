@@ -58,8 +58,10 @@ def _symmetric_name(layer: QuantLinear) -> str:
     return s.name.replace("-asym", "") if "-asym" in s.name else f"w{s.bits}g{s.group_size or 32}"
 
 
-def tflite_weight(name: str, layer: QuantLinear) -> IntWeight:
-    """``layer``'s codes as TFLite holds them, or a SqueezeError saying why it cannot and what to use."""
+def tflite_weight(name: str, layer: QuantLinear, int4_kernels: bool = False) -> IntWeight:
+    """``layer``'s codes as TFLite holds them, or a SqueezeError saying why it cannot and what to use.
+    ``int4_kernels``: 4-bit codes are read by TFLite's blockwise int4 kernels (dynamic-range), which need
+    blocks of a multiple of 32 columns; dequantized to float (weight-only), any block that divides the row."""
     s = layer.scheme
     refuse_lut(s, name, "TFLite")
     if s.activations is not None and (s.bits != 8 or s.granularity == "group"):
@@ -79,7 +81,7 @@ def tflite_weight(name: str, layer: QuantLinear) -> IntWeight:
     if n_groups > 1 and layer.in_features % n_groups:
         raise Unplaceable(f"{layer.in_features} input columns do not split into blocks of {s.group_size}")
     block = layer.in_features // n_groups
-    if s.bits <= 4 and block % 32:  # measured: LiteRT computes such layers wrongly (KLD 0.03 on stories260K)
+    if int4_kernels and s.bits <= 4 and block % 32:  # measured: LiteRT computes such layers wrongly (KLD 0.03 on stories260K)
         raise Unplaceable(f"int4 blocks of {block} columns (LiteRT's int4 kernels need a multiple of 32)")
     if s.bits > 4 and n_groups > 1:
         raise SqueezeError(f"{name}: TFLite's blockwise quantization holds 4-bit codes only and {s.name} has "
@@ -107,14 +109,17 @@ class Twins:
     kept: dict[str, str]
 
 
-def float_twins(model: nn.Module) -> Twins:
+def float_twins(model: nn.Module, dynamic_range: bool = False) -> Twins:
     """Replace every QuantLinear of ``model`` by an nn.Linear holding the float32 values of its codes (what the
-    converter writes, and finds again by content). Refusals come before any change."""
+    converter writes, and finds again by content). Refusals come before any change. ``dynamic_range``: the
+    layers will run in TFLite's dynamic-range kernels (so will layers with dynamic int8 activations)."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     weights, kept_float, inputs = {}, {}, {}
     for name, layer in layers:
         try:
-            weights[name] = tflite_weight(name, layer)
+            kernels = dynamic_range or (layer.scheme.activations is not None
+                                        and layer.scheme.activations.mode == "dynamic")
+            weights[name] = tflite_weight(name, layer, int4_kernels=kernels)
         except Unplaceable as e:
             if layer.scheme.activations is not None:  # float32 would drop its int8 inputs
                 raise SqueezeError(f"{name}: {e}; TFLite cannot hold this W8A8 layer") from None
