@@ -36,6 +36,7 @@ _EXPORTS = {
     "Recipe": "squeeze.recipe",
     "CalibConfig": "squeeze.calib",
     "load_calibration": "squeeze.calib",
+    "tensor_calibration": "squeeze.calib",
     "SqueezeError": "squeeze.errors",
 }
 

@@ -42,18 +42,31 @@ class CalibConfig:
 
 @dataclass
 class CalibrationSet:
-    """Token id windows [nsamples, seqlen] and a hash of exactly those tokens."""
+    """Token id windows [nsamples, seqlen] and a hash of exactly those tokens; for a plain nn.Module (a CNN),
+    its input samples stacked along dim 0 (`tensor_calibration`)."""
 
     input_ids: torch.Tensor
     source: str
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
+        ids = self.input_ids if self.input_ids.is_floating_point() else self.input_ids.to(torch.int64)
+        return hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
 
     def batches(self, batch_size: int = 8):
         for i in range(0, len(self.input_ids), batch_size):
             yield self.input_ids[i : i + batch_size]
+
+
+def tensor_calibration(samples, source: str = "tensor") -> CalibrationSet:
+    """Calibration for a plain nn.Module without transformer blocks: ``samples`` are its inputs stacked along
+    dim 0 (images [n, c, h, w], feature rows [n, d]); calibrated passes (GPTQ, SparseGPT, ...) run the whole
+    module on them, 8 samples per call."""
+    x = torch.as_tensor(samples)
+    if x.ndim < 2 or len(x) == 0:
+        raise SqueezeError(f"calibration samples must be stacked along dim 0 (at least [n, features]); got shape "
+                           f"{tuple(x.shape)}")
+    return CalibrationSet(x, source)
 
 
 def jsonl_records(path: Path, raw: str) -> list[tuple[int, object]]:

@@ -312,6 +312,8 @@ def run_sequential(
     """
     if calib is None:
         raise SqueezeError(f"{desc} needs calibration data (--calib FILE, or --calib self)")
+    if io is None and find_blocks(model) is None and getattr(model, "config", None) is None:
+        return _run_whole_module(model, layers, calib, process_block, device, track_float, precision)
     blocks_name, blocks = _find_blocks(model, desc)
     per_block = block_layers(layers, blocks_name, len(blocks))
     with io.outside_blocks() if io is not None else nullcontext():
@@ -359,6 +361,25 @@ def run_sequential(
             io.done(index, f"{blocks_name}.{index}.", block, block_records)
         _progress(bar, blocks_name, index, calib.input_ids.numel(), time.perf_counter() - started)
     return records
+
+
+def _run_whole_module(model: nn.Module, layers: dict[str, nn.Module], calib, process_block: ProcessBlock,
+                      device, track_float: bool, precision: str) -> dict[str, dict]:
+    """A plain nn.Module without transformer blocks (a CNN, an MLP) is calibrated as one block: the module
+    itself, called on the calibration samples (``calib.input_ids``: model inputs stacked along dim 0, e.g.
+    `squeeze.calib.tensor_calibration`)."""
+    home = next(model.parameters()).device
+    device = calibration_device(device, home)
+    hidden = [batch.to(device) for batch in torch.split(calib.input_ids, CALIB_BATCH_SIZE)]
+    inputs = BlockInputs(hidden, [()] * len(hidden), [{}] * len(hidden))
+    inputs.autocast = calib_autocast(precision, device, next(model.parameters()).dtype)
+    model.to(device)
+    if track_float:
+        inputs.reference, inputs.reference_block = list(hidden), copy.deepcopy(model)
+    try:
+        return process_block("", model, layers, inputs)
+    finally:
+        model.to(home)
 
 
 def run_blockwise(model: nn.Module, layers: dict[str, nn.Module], process_block: ProcessBlock, io: BlockIO,

@@ -241,3 +241,50 @@ def test_replay_keeps_at_most_its_bound(tiny_models, monkeypatch):
     assert peaks[None][0] > 20_000  # unbounded keeps more
     for bound in (0, 20_000):
         assert all(torch.equal(states[bound][k], states[None][k]) for k in states[None])
+
+
+def _digits_mlp():
+    """A small MLP trained on scikit-learn's 8x8 digits (seconds): a plain nn.Module without blocks."""
+    sklearn = pytest.importorskip("sklearn.datasets", reason="the digits come from scikit-learn")
+    data = sklearn.load_digits()
+    x = torch.from_numpy(data.data / 16.0).float()
+    y = torch.from_numpy(data.target).long()
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 10))
+    opt = torch.optim.Adam(mlp.parameters(), lr=3e-3)
+    for _ in range(40):
+        for batch in torch.arange(1400).split(100):
+            loss = torch.nn.functional.cross_entropy(mlp(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return mlp.eval(), x[:1400], x[1400:]
+
+
+@pytest.mark.parametrize("scheme", ["w2g32", "lut2g16"])
+def test_a_plain_module_is_calibrated_as_one_block(scheme):
+    """A module without transformer blocks (an MLP, a CNN) runs GPTQ on its calibration samples as one block:
+    every linear quantized, and its outputs on held-out inputs closer to the float model's than RTN's."""
+    import copy
+
+    from squeeze.calib import tensor_calibration
+    from squeeze.passes.rtn import RTN
+
+    mlp, train, test = _digits_mlp()
+    gptq, rtn = copy.deepcopy(mlp), copy.deepcopy(mlp)
+    records = api.quantize(gptq, GPTQ(scheme=get_scheme(scheme)), tensor_calibration(train[:256], "digits"))
+    api.quantize(rtn, RTN(scheme=get_scheme(scheme)))
+    assert set(records) == {"0", "2", "4"}
+    assert all(isinstance(gptq[i], QuantLinear) for i in (0, 2, 4))
+    with torch.no_grad():
+        ref = mlp(test)
+        err = {name: float(((m(test) - ref) ** 2).mean()) for name, m in (("gptq", gptq), ("rtn", rtn))}
+    assert err["gptq"] < 0.85 * err["rtn"], err
+
+
+def test_tensor_calibration_needs_stacked_samples():
+    from squeeze.calib import tensor_calibration
+
+    with pytest.raises(SqueezeError, match="stacked along dim 0"):
+        tensor_calibration(torch.zeros(5))
