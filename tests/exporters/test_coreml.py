@@ -88,6 +88,18 @@ def test_float_packages(stories_dir, tmp_path):
         assert art.verification["ops"]["linear"] == 36  # 35 block linears + the LM head
         assert _decompressed(art.path)[0] == []
     assert fp16.size_bytes < 0.7 * fp32.size_bytes
+    # float16 programs keep each RMSNorm's statistic (mean of squares, + eps, rsqrt) in float32: SmolLM2's hidden
+    # states square past float16's range; the linears compute in float16
+    from coremltools.converters.mil.mil import types
+
+    from squeeze.exporters.coreml.verify import read_program
+
+    ops = read_program(fp16.path)[1].functions["main"].operations
+    dtype = {}
+    for op in ops:
+        dtype.setdefault(op.op_type, set()).add(types.builtin_to_string(op.outputs[0].dtype))
+    assert dtype["reduce_mean"] == {"fp32"} and dtype["rsqrt"] == {"fp32"} and dtype["linear"] == {"fp16"}
+    assert sum(op.op_type == "reduce_mean" for op in ops) == 11  # 2 norms per block x 5 + the final one
 
 
 @pytest.mark.parametrize("scheme, op, element", [

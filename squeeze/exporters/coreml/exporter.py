@@ -126,10 +126,30 @@ def mil_program(module: nn.Module, args: tuple, precision: str, input_names: lis
                           minimum_deployment_target=ct.target.iOS18, compute_precision=_precision(precision))
 
 
+# ops of a norm's statistic (mean of squares, + eps, 1/sqrt): kept float32 in float16 programs. SmolLM2-135M's
+# hidden states square past float16's 65504 from layer 6 on (found by the export's MIL interpreter: inf, then
+# NaN logits); the normalized values and everything else stay float16.
+NORM_STATISTIC_OPS = ("pow", "reduce_mean", "reduce_sum_square", "rsqrt")
+
+
+def _float16_op(op) -> bool:
+    """coremltools' FP16ComputePrecision op_selector: False keeps ``op`` float32."""
+    if op.op_type in NORM_STATISTIC_OPS:
+        return False
+    if op.op_type in ("add", "sqrt", "real_div"):  # the eps and root after a mean
+        for var in op.inputs.values():
+            producer = getattr(var, "op", None)
+            if producer is not None and producer.op_type in ("reduce_mean", "reduce_sum_square"):
+                return False
+    return True
+
+
 def _precision(precision: str):
     import coremltools as ct
 
-    return ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16
+    if precision == "fp32":
+        return ct.precision.FLOAT32
+    return ct.transform.FP16ComputePrecision(op_selector=_float16_op)
 
 
 def place_weights(program, weights: dict[str, CoreMLWeight]) -> dict[str, str]:
