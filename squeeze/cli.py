@@ -485,8 +485,9 @@ def eval_cmd(model, data, reference, ctx, runtime, tokenizer, task, latency, as_
               help="tflite, coreml: the token graph's fixed length (default: the model's context, at most 512 for a "
                    "causal LM and 128 for an encoder).")
 @click.option("--dynamic-range", is_flag=True,
-              help="tflite: int8 layers quantize their activations at run time (TFLite's dynamic-range kernels) "
-                   "instead of computing in float on the exact weights.")
+              help="tflite: int8/int4 layers run in TFLite's dynamic-range kernels (activations quantized to "
+                   "int8 at run time; int4 weights stay int4 in memory, smaller file) instead of computing in "
+                   "float on the exact weights.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @ALLOW_PICKLE
 def export(model, fmt, output, qtype, requantize, no_verify, kv_cache, prefill_len, seq_len, dynamic_range, overwrite,

@@ -133,6 +133,21 @@ def test_smollm2_checkpoint_exports_to_gguf_and_onnx(smollm2_rtn, tmp_path):
 
 
 @pytest.mark.slow
+def test_smollm2_exports_to_tflite_int4_and_a_float16_coreml_package(smollm2_rtn, tmp_path):
+    """The RTN w4g128 checkpoint: weight-only int4 .tflite computes the checkpoint's logits in LiteRT (blocks as
+    per-channel int4 rows), and a float16 Core ML program, whose norms keep their statistic in float32, runs in
+    the export's MIL interpreter close to torch (it overflowed float16 before: top-1 0%)."""
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("coremltools")
+    import squeeze
+
+    lite = squeeze.export(smollm2_rtn, "tflite", tmp_path / "m.tflite", seq_len=128)
+    assert lite.type == "int4" and lite.verification["max_rel_diff"] < 1e-4
+    package = squeeze.export(smollm2_rtn, "coreml", tmp_path / "m.mlpackage", qtype="fp16", seq_len=128)
+    assert package.verification["weights_checked"] == 210 and package.verification["top1_agreement"] > 0.95
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_block_by_block_equals_whole_model_on_smollm2(method, smollm2_dir, tmp_path):
     """squeeze.stream on a real 135M model: the same checkpoint bytes as loading the whole model."""
