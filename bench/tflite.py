@@ -232,7 +232,9 @@ def report(tables: dict[str, list[dict]], minilm: list[dict] | None = None) -> s
              "same weights in torch. Window = median seconds of one full window in LiteRT, interleaved rounds; "
              "x fp32 = that time over squeeze's fp32 file's, in the same run. Weight-only files compute in float on "
              "the exact weights (TFLite dequantizes them once, at the first run: float32 weights in memory); "
-             "dynamic-range files keep int8/int4 weights and quantize activations to int8 per row at run time.", ""]
+             "dynamic-range files keep int8/int4 weights and quantize activations to int8 per row at run time. "
+             "XNNPACK takes dequantized int8 as constant weights, not dequantized int4, which it repacks at every "
+             "call: int4 weight-only is exact but slower than fp32.", ""]
     for name, rows in tables.items():
         base = next((r["window_s"] for r in rows if r["name"] == "squeeze fp32"), None)
         lines += [f"## {name}", "", "| file | ppl | bytes | window s | x fp32 |", "|---|---|---|---|---|"]
