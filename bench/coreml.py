@@ -174,12 +174,18 @@ def package_rows(name: str, work: Path, fresh: bool) -> list[dict]:
     for label, ckpt in ckpts.items():
         rows.append({"name": label, **store.get(label, lambda ckpt=ckpt, label=label: _package(
             export(ckpt(), root / f"{label.split()[0]}.mlpackage")))})
+    if name in MODELS:  # the stateful decoder (--kv-cache) of the LUT checkpoint: a prefill, then 8 decode calls
+        label, ckpt = list(ckpts.items())[-1]
+        rows.append({"name": f"{label}, --kv-cache", **store.get(f"{label}, --kv-cache", lambda: _package(
+            api.export(ckpt(), "coreml", root / "lut4-kv.mlpackage", qtype="fp16", seq_len=seq_len, kv_cache=True,
+                       overwrite=True)))})
     return rows
 
 
 def _package(art) -> dict:
     return {"bytes": art.size_bytes, "type": art.type, "weights_checked": art.verification["weights_checked"],
-            "top1": art.verification.get("top1_agreement")}
+            "top1": art.verification.get("top1_agreement"), "cosine": art.verification.get("cosine"),
+            "decode_steps": art.verification.get("decode_steps_checked")}
 
 
 def _cnn_rows(store: Cells, root: Path) -> list[dict]:
@@ -243,14 +249,19 @@ def report(tables: dict[str, list[dict]], packages: dict[str, list[dict]] | None
                   "in torch). Checkpoints: GPTQ, calibrated on the bundled stories corpus (LMs: the windows above; "
                   "MiniLM: 64 windows of 128 tokens) or 256 training images (CNN). Float16 programs keep each "
                   "norm's statistic (mean of squares, rsqrt) in float32: SmolLM2's overflows float16 otherwise. "
-                  "Each export ran the saved program in squeeze's MIL interpreter against torch: top-1 = agreement "
-                  "of its logits with the checkpoint's (LMs).", "",
-                  "| model | package | type | bytes | x fp16 | weights checked | interpreter top-1 | accuracy |",
+                  "Each export ran the saved program in squeeze's MIL interpreter against the checkpoint in torch: "
+                  "top-1 agreement of the logits (LMs), cosine of the outputs (MiniLM's hidden states, the CNN's "
+                  "logits). --kv-cache: the stateful decoder (KV cache as Core ML states, flexible token count), "
+                  "run as a prefill of half the window and single-token calls against the whole-window logits.", "",
+                  "| model | package | type | bytes | x fp16 | weights checked | interpreter vs torch | accuracy |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, rows in packages.items():
             base = next(r["bytes"] for r in rows if r["name"] == "fp16")
             for r in rows:
-                top1 = f"{100 * r['top1']:.1f}%" if r.get("top1") is not None else "-"
+                top1 = (f"top-1 {100 * r['top1']:.1f}%" if r.get("top1") is not None else
+                        f"cosine {r['cosine']:.6f}" if r.get("cosine") is not None else "-")
+                if r.get("decode_steps"):
+                    top1 += f" (prefill + {r['decode_steps']} decode calls)"
                 acc = f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-"
                 lines.append(f"| {name} | {r['name']} | {r['type']} | {r['bytes']} | {r['bytes'] / base:.3f} | "
                              f"{r['weights_checked']} | {top1} | {acc} |")
