@@ -119,6 +119,16 @@ def test_int4_weight_only_is_per_block_rows_that_every_resolver_computes(gptq_di
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), resolver
 
 
+def test_a_shorter_last_group_is_written_float(stories_dir, tmp_path):
+    """w4g128 on stories260K: the FFN's 172 columns are a group of 128 and one of 44, which equal blocks cannot
+    hold (halves of 86 would pair the wrong scales with columns 86-127); the 64-column layers are per channel."""
+    ckpt = api.quantize_dir(stories_dir, tmp_path / "w4g128", RTN(scheme=get_scheme("w4g128")))
+    art = api.export(ckpt, "tflite", tmp_path / "w4.tflite", seq_len=SEQ)
+    assert art.verification["max_rel_diff"] < 1e-4
+    assert any("5 layer(s) written as float32" in n and "172 input columns" in n for n in art.notes), art.notes
+    assert any(n.startswith("30 layer(s) written as int4 per-channel weight-only") for n in art.notes), art.notes
+
+
 @pytest.mark.parametrize("dynamic", [False, True], ids=["weight-only", "dynamic-range"])
 def test_int8_per_channel(gptq_dirs, tmp_path, dynamic):
     art = api.export(gptq_dirs["w8"], "tflite", tmp_path / "w8.tflite", seq_len=SEQ, dynamic_range=dynamic)
