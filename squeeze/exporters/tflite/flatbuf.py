@@ -161,8 +161,6 @@ def place_int_weight(model, where: list[tuple[int, int]], weight: IntWeight, blo
     # int4 for the kernels is always blockwise (a per-channel int4 layer: one block per row): TFLite's builtin
     # hybrid kernels compute per-channel int4 wrongly (measured, ai-edge-litert 2.3), its blockwise path is right
     blockwise = not block_rows and (weight.bits == 4 or weight.scales.shape[1] > 1)
-    if block_rows and weight.bits == 8 and weight.scales.shape[1] > 1:
-        raise ValueError("int8 weights are per channel")
     scale_buffer = add_buffer(model, weight.scales.astype(np.float16)) if blockwise else None
     rows, cols = weight.levels.shape
     for s, t in where:

@@ -82,7 +82,8 @@ def tflite_weight(name: str, layer: QuantLinear, int4_kernels: bool = False) -> 
     columns = torch.arange(layer.in_features)
     if n_groups > 1 and not torch.equal(layer.g_idx.cpu().long(), columns // block):  # a shorter last group
         raise Unplaceable(f"{layer.in_features} input columns do not split into blocks of {s.group_size}")
-    if int4_kernels and s.bits <= 4 and block % 32:  # measured: LiteRT computes such layers wrongly (KLD 0.03 on stories260K)
+    # measured: LiteRT's int4 kernels compute such layers wrongly (KLD 0.03 on stories260K)
+    if int4_kernels and s.bits <= 4 and block % 32:
         raise Unplaceable(f"int4 blocks of {block} columns (LiteRT's int4 kernels need a multiple of 32)")
     if s.bits > 4 and n_groups > 1:
         raise SqueezeError(f"{name}: TFLite's blockwise quantization holds 4-bit codes only and {s.name} has "
