@@ -15,6 +15,7 @@ maps input_ids and attention_mask to last_hidden_state. Attention is exported ea
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from torch import nn
 from squeeze.errors import SqueezeError, VerificationError
 from squeeze.exporters import Artifact
 from squeeze.exporters.tflite import flatbuf
-from squeeze.exporters.tflite.weights import Twins, float_twins
+from squeeze.exporters.tflite.weights import Twins, float_twins, reads_directly
 from squeeze.exporters.token_graphs import eager_attention, load_token_model, token_length
 
 TFLITE_TYPES = ("fp32", "fp16")
@@ -155,7 +156,7 @@ def place_weights(model, twins: Twins, config: TFLiteExport) -> list[str]:
             flatbuf.scale_input(model, where, scaled[1])
             unfolded += 1
         inputs = twins.inputs.get(name)
-        direct = config.dynamic_range or (inputs is not None and not inputs.static)
+        direct = reads_directly(config.dynamic_range, inputs)
         if weight.bits == 4 and direct:  # TFLite's blockwise int4: float16 scales XNNPACK must accept
             scales, n = flatbuf.safe_block_scales(weight.scales)
             raised += n
@@ -235,12 +236,11 @@ def check_codes(raw: bytes, twins: Twins) -> None:
 def export_tflite(src: Path, out: Path, config: TFLiteExport, overwrite: bool = False) -> Artifact:
     """Export the model directory ``src`` (float, or a squeeze checkpoint) to the .tflite file ``out``."""
     from squeeze import __version__
-    from squeeze.api import load
 
     require_litert()
     model, kind = load_token_model(src, "tflite")
     seq_len = token_length(model, kind, config.seq_len)
-    reference = load(src, "float32").eval() if config.verify else None
+    reference = copy.deepcopy(model) if config.verify else None  # the checkpoint as loaded, before float_twins
     if config.kv_cache and kind != "causal-lm":
         raise SqueezeError("--kv-cache applies to causal LMs (prefill and decode signatures); this is an encoder")
     prefill = int(config.prefill_len or min(DEFAULT_PREFILL_LEN, max(1, seq_len // 2)))
@@ -252,8 +252,6 @@ def export_tflite(src: Path, out: Path, config: TFLiteExport, overwrite: bool = 
     module, args = graph_for(model, kind, seq_len)
     signatures = []
     if config.kv_cache:
-        import copy
-
         signatures = kv_signatures(copy.deepcopy(model), seq_len, prefill)  # the scoring graph keeps eager attention
     meta = {"kind": kind, "seq_len": seq_len, "vocab_size": int(model.config.vocab_size),
             "source": str(Path(src).resolve()), "version": __version__}
@@ -268,8 +266,6 @@ def export_tflite(src: Path, out: Path, config: TFLiteExport, overwrite: bool = 
 def export_module(module: nn.Module, example_inputs, out: str | Path, config: TFLiteExport | None = None,
                   overwrite: bool = False) -> Artifact:
     """Export a plain nn.Module (float or squeeze-quantized, e.g. a CNN) at its example inputs' shapes."""
-    import copy
-
     from squeeze import __version__
     from squeeze.fsutil import check_output_path
 

@@ -53,6 +53,13 @@ def input_quant(name: str, layer: QuantLinear) -> InputQuant | None:
     return InputQuant(True, acts.symmetric, float(layer.input_scale.float().reshape(-1)[0]), zero)
 
 
+def reads_directly(dynamic_range: bool, inputs: InputQuant | None) -> bool:
+    """Whether a layer's FULLY_CONNECTED reads its integer weight directly (TFLite's dynamic-range kernels,
+    int8 activations per row: with --dynamic-range, or the scheme's own dynamic activations) rather than
+    behind a DEQUANTIZE or as a static W8A8 matmul."""
+    return dynamic_range or (inputs is not None and not inputs.static)
+
+
 def _symmetric_name(layer: QuantLinear) -> str:
     s = layer.scheme
     return s.name.replace("-asym", "") if "-asym" in s.name else f"w{s.bits}g{s.group_size or 32}"
@@ -118,16 +125,14 @@ def float_twins(model: nn.Module, dynamic_range: bool = False) -> Twins:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     weights, kept_float, inputs = {}, {}, {}
     for name, layer in layers:
+        found = input_quant(name, layer)
         try:
-            kernels = dynamic_range or (layer.scheme.activations is not None
-                                        and layer.scheme.activations.mode == "dynamic")
-            weights[name] = tflite_weight(name, layer, int4_kernels=kernels)
+            weights[name] = tflite_weight(name, layer, int4_kernels=reads_directly(dynamic_range, found))
         except Unplaceable as e:
             if layer.scheme.activations is not None:  # float32 would drop its int8 inputs
                 raise SqueezeError(f"{name}: {e}; TFLite cannot hold this W8A8 layer") from None
             kept_float[name] = str(e)
             continue
-        found = input_quant(name, layer)
         if found is not None:
             inputs[name] = found
     floats = {name: layer.float32_weight().numpy() for name, layer in layers}
